@@ -1,0 +1,268 @@
+"""Flags shared by every mode, and the run context that turns them into library calls.
+
+Configuration enters here and only here: the library (``ttmpd_jax``) takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+from absl import flags
+
+from ttmpd_jax import checkpoint, train
+from ttmpd_jax.data import datasets, fashion_mnist
+from ttmpd_jax.errors import UserError
+from ttmpd_jax.models import MODEL_NAMES, ModelSpec, build_model
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string('output_dir', 'runs/default', 'Where checkpoints, report.json and plots go.')
+flags.DEFINE_integer('seed', 0, 'Seed for initialisation, shuffling and subset selection.')
+# Model.
+flags.DEFINE_enum('model', 'resnet8', MODEL_NAMES, 'Source model architecture (model zoo).')
+flags.DEFINE_integer('base_width', None, 'Base channel width of the model (zoo default if unset).')
+flags.DEFINE_bool('small_input', None, 'ImageNet-style models: 3x3/1 stem for small images.')
+flags.DEFINE_string('checkpoint', None, 'Source model checkpoint directory. Default: '
+                    '<output_dir>/checkpoints/source_<model>_<config hash>; trained if missing.')
+# Data.
+flags.DEFINE_string('dataset', 'fashion_mnist', 'Clean source dataset (fashion_mnist, cifar10, '
+                    'or a prepared TFDS name).')
+flags.DEFINE_string('data_dir', fashion_mnist.DEFAULT_DIR,
+                    'Folder with the Fashion-MNIST IDX .gz files.')
+flags.DEFINE_string('tfds_data_dir', None, 'TFDS data folder (prepared datasets).')
+flags.DEFINE_list('corruptions', ['gaussian_noise', 'defocus_blur', 'fog', 'contrast'],
+                  'Corruptions applied to the clean test split to build the shifted test sets.')
+flags.DEFINE_list('severities', ['5'], 'Corruption severities (1..5).')
+flags.DEFINE_list('test_datasets', [], 'Extra shifted test sets by name, e.g. '
+                  'cifar10_corrupted/fog_5 (TFDS) or fashion_mnist_c/fog_3.')
+flags.DEFINE_integer('test_limit', None, 'Use only the first N examples of each test set.')
+flags.DEFINE_integer('corruption_seed', 0, 'Seed of the corruption noise (fixed test sets).')
+# Pretraining.
+flags.DEFINE_float('epochs', 2.0, 'Source pretraining epochs.')
+flags.DEFINE_integer('batch_size', 128, 'Source pretraining batch size (global).')
+flags.DEFINE_float('learning_rate', 0.1, 'Peak SGD learning rate for source pretraining.')
+flags.DEFINE_float('weight_decay', 5e-4, 'Weight decay for source pretraining.')
+flags.DEFINE_integer('train_limit', None, 'Use only N training examples (quick experiments).')
+flags.DEFINE_integer('eval_batch_size', 500, 'Batch size for evaluation.')
+
+
+def _check_severities(values) -> bool:
+  for v in values:
+    if not v.strip().isdigit() or not 1 <= int(v) <= 5:
+      raise flags.ValidationError(f'--severities: each severity must be an integer in 1..5, '
+                                  f'got {v!r}')
+  return True
+
+
+def _check_corruptions(values) -> bool:
+  from ttmpd_jax.data import corruptions
+  unknown = [c for c in values if c not in corruptions.CORRUPTIONS]
+  if unknown:
+    raise flags.ValidationError(
+        f'--corruptions: unknown corruption(s) {", ".join(unknown)}; valid names: '
+        f'{", ".join(corruptions.CORRUPTIONS)}')
+  return True
+
+
+def _check_positive_or_none(value) -> bool:
+  return value is None or value > 0
+
+
+flags.register_validator('severities', _check_severities)
+flags.register_validator('corruptions', _check_corruptions)
+for _name in ('test_limit', 'train_limit', 'base_width'):
+  flags.register_validator(_name, _check_positive_or_none, f'--{_name} must be positive')
+flags.register_validator('epochs', lambda v: v > 0, '--epochs must be positive')
+flags.register_validator('batch_size', lambda v: v > 0, '--batch_size must be positive')
+flags.register_validator('eval_batch_size', lambda v: v > 0, '--eval_batch_size must be positive')
+
+
+def log(message: str) -> None:
+  print(message, flush=True)
+
+
+def ensure_writable_dir(path: str, flag: str = '--output_dir') -> str:
+  """Creates ``path`` if needed and checks that we can write into it."""
+  path = os.path.abspath(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test_'):
+      pass
+  except OSError as e:
+    raise UserError(f'{flag}={path} is not a writable directory ({e.strerror or e})') from e
+  return path
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+  """Writes JSON via a temporary file and a rename: readers never see half a file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix='.json')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
+      f.write('\n')
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _json_default(obj):
+  if hasattr(obj, 'item'):
+    return obj.item()
+  if hasattr(obj, 'tolist'):
+    return obj.tolist()
+  raise TypeError(f'not JSON serialisable: {type(obj)}')
+
+
+def format_table(header: list[str], rows: list[list[Any]]) -> str:
+  """A plain fixed-width text table."""
+  cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ['  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  return '\n'.join(lines)
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, float):
+    return f'{value:.4f}' if abs(value) < 10 else f'{value:.1f}'
+  return str(value)
+
+
+@dataclasses.dataclass
+class SourceModel:
+  spec: ModelSpec
+  model: Any
+  variables: Any
+  meta: checkpoint.CheckpointMeta
+  path: str
+  trained_now: bool
+
+
+class Context:
+  """What every mode needs, built from the shared flags."""
+
+  def __init__(self):
+    self.output_dir = ensure_writable_dir(FLAGS.output_dir)
+    self.seed = FLAGS.seed
+    self.start_time = time.time()
+    self._cache: dict[str, Any] = {}
+
+  # ---- model --------------------------------------------------------------------------------
+  def requested_spec(self, num_classes: int) -> ModelSpec:
+    kwargs: dict[str, Any] = {}
+    if FLAGS.base_width is not None:
+      kwargs['base_width'] = FLAGS.base_width
+    if FLAGS.small_input is not None:
+      kwargs['small_input'] = FLAGS.small_input
+    return ModelSpec(FLAGS.model, num_classes, kwargs)
+
+  def _train_config(self, spec: ModelSpec) -> dict[str, Any]:
+    return {'spec': spec.to_json(), 'dataset': FLAGS.dataset, 'epochs': FLAGS.epochs,
+            'batch_size': FLAGS.batch_size, 'learning_rate': FLAGS.learning_rate,
+            'weight_decay': FLAGS.weight_decay, 'train_limit': FLAGS.train_limit,
+            'seed': FLAGS.seed}
+
+  def default_checkpoint_path(self, spec: ModelSpec) -> str:
+    digest = hashlib.sha256(json.dumps(self._train_config(spec), sort_keys=True).encode())
+    return os.path.join(self.output_dir, 'checkpoints',
+                        f'source_{spec.name}_{digest.hexdigest()[:10]}')
+
+  def source_model(self) -> SourceModel:
+    """Loads the source checkpoint if it exists (and matches), otherwise pretrains and saves it."""
+    if 'source' in self._cache:
+      return self._cache['source']
+    if FLAGS.checkpoint:
+      path = os.path.abspath(FLAGS.checkpoint)
+      if not checkpoint.exists(path):
+        raise UserError(f'--checkpoint={path} does not exist')
+      variables, meta = checkpoint.load(path)
+      log(f'loaded checkpoint {path} ({meta.spec.name})')
+      trained = False
+    else:
+      train_set = self.train_set()
+      spec = self.requested_spec(train_set.num_classes)
+      path = self.default_checkpoint_path(spec)
+      if checkpoint.exists(path):
+        variables, meta = checkpoint.load(path, expected_spec=spec)
+        log(f'reusing source checkpoint {path}')
+        trained = False
+      else:
+        variables, meta = self._pretrain(spec, train_set, path)
+        trained = True
+    source = SourceModel(meta.spec, build_model(meta.spec), variables, meta, path, trained)
+    self._cache['source'] = source
+    return source
+
+  def _pretrain(self, spec: ModelSpec, train_set: datasets.Dataset, path: str):
+    log(f'pretraining {spec.name} on {train_set.name} ({len(train_set)} examples, '
+        f'{FLAGS.epochs:g} epochs, batch {FLAGS.batch_size}); checkpoint -> {path}')
+    model = build_model(spec)
+    validation = self.dataset(FLAGS.dataset, 'validation')
+    variables, summary = train.pretrain(
+        model, train_set, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay, seed=FLAGS.seed,
+        validation_set=validation, print_fn=log)
+    meta = checkpoint.CheckpointMeta(spec, train_set.image_shape, train_set.family,
+                                     {'train_config': self._train_config(spec), **summary})
+    checkpoint.save(path, variables, meta)
+    log(f'saved source checkpoint {path}')
+    return variables, meta
+
+  # ---- data ---------------------------------------------------------------------------------
+  def dataset(self, name: str, split: str = 'test', limit: Optional[int] = None):
+    key = f'{name}:{split}:{limit}'
+    if key not in self._cache:
+      self._cache[key] = datasets.load(
+          name, split, data_dir=FLAGS.data_dir, tfds_data_dir=FLAGS.tfds_data_dir,
+          split_seed=0, corruption_seed=FLAGS.corruption_seed, limit=limit)
+    return self._cache[key]
+
+  def train_set(self):
+    return self.dataset(FLAGS.dataset, 'train', FLAGS.train_limit)
+
+  def clean_test_set(self):
+    return self.dataset(FLAGS.dataset, 'test', FLAGS.test_limit)
+
+  def shifted_dataset_names(self) -> list[str]:
+    base = {'fashion_mnist': 'fashion_mnist_c', 'cifar10': 'cifar10_c'}.get(FLAGS.dataset)
+    names = []
+    if base is not None:
+      names = [f'{base}/{c}_{s}' for c in FLAGS.corruptions for s in FLAGS.severities]
+    elif FLAGS.corruptions and not FLAGS.test_datasets:
+      raise UserError(f'--corruptions are generated on the fly only for fashion_mnist and '
+                      f'cifar10; for --dataset={FLAGS.dataset} pass --test_datasets')
+    return names + list(FLAGS.test_datasets)
+
+  def shifted_test_sets(self):
+    return [self.dataset(name, 'test', FLAGS.test_limit) for name in self.shifted_dataset_names()]
+
+  # ---- outputs ------------------------------------------------------------------------------
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.output_dir, *parts)
+
+  def write_report(self, report: dict[str, Any], name: str = 'report.json') -> str:
+    path = self.path(name)
+    write_json_atomic(path, report)
+    log(f'wrote {path}')
+    return path
+
+
+def flag_values_for_report() -> dict[str, Any]:
+  """The non-default flags of this run (recorded in report.json for reproducibility)."""
+  values = {}
+  for name in sorted(FLAGS):
+    flag = FLAGS[name]
+    if flag.present and not name.startswith(('flagfile', 'logtostderr', 'alsologtostderr')):
+      values[name] = flag.value
+  values['argv'] = sys.argv
+  return values
