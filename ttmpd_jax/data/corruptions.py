@@ -122,6 +122,26 @@ def _lattice_scale(x: Array) -> int:
     return max(1, round(_scale(x)))
 
 
+def _uniforms(key: Array, *shapes: tuple[int, ...]) -> list[Array]:
+    """Independent U[0, 1) arrays of the given shapes from ONE flat threefry draw.
+
+    Why: every jax.random call site (and every extra rank) costs XLA compile time
+    (~0.3 s each on CPU), and corrupt() compiles per (name, severity, shape).
+    """
+    sizes = [math.prod(s) for s in shapes]
+    flat = jax.random.uniform(key, (sum(sizes),))
+    out, start = [], 0
+    for shape, n in zip(shapes, sizes):
+        out.append(flat[start:start + n].reshape(shape))
+        start += n
+    return out
+
+
+def _std_normal(u: Array) -> Array:
+    """Standard normal from U[0, 1) by the inverse CDF (as jax.random.normal does)."""
+    return jax.scipy.special.ndtri(jnp.clip(u, 1e-7, 1.0 - 1e-7))
+
+
 def _gauss_taps(sigma: float, truncate: float = 4.0) -> np.ndarray:
     """scipy.ndimage.gaussian_filter taps (radius int(truncate*sigma + 0.5))."""
     r = int(truncate * sigma + 0.5)
@@ -272,7 +292,8 @@ def _hsv_edit(x: Array, fn: Callable[[Array], Array], channel: int) -> Array:
 # ------------------------------------------------------------- corruptions ----
 # Each takes (key, x [H, W, C] in [0, 1], severity) and returns [H, W, C], unclipped.
 def gaussian_noise(key: Array, x: Array, severity: int) -> Array:
-    return x + _TABLE["gaussian_noise"][severity - 1] * jax.random.normal(key, x.shape)
+    (u,) = _uniforms(key, x.shape)
+    return x + _TABLE["gaussian_noise"][severity - 1] * _std_normal(u)
 
 
 def shot_noise(key: Array, x: Array, severity: int) -> Array:
@@ -281,14 +302,15 @@ def shot_noise(key: Array, x: Array, severity: int) -> Array:
 
 
 def impulse_noise(key: Array, x: Array, severity: int) -> Array:
-    k1, k2 = jax.random.split(key)
-    flip = jax.random.uniform(k1, x.shape) < _TABLE["impulse_noise"][severity - 1]
-    salt = jax.random.uniform(k2, x.shape) < 0.5  # salt_vs_pepper = 0.5
+    u_flip, u_salt = _uniforms(key, x.shape, x.shape)
+    flip = u_flip < _TABLE["impulse_noise"][severity - 1]
+    salt = u_salt < 0.5  # salt_vs_pepper = 0.5
     return jnp.where(flip, salt.astype(x.dtype), x)
 
 
 def speckle_noise(key: Array, x: Array, severity: int) -> Array:
-    return x + x * _TABLE["speckle_noise"][severity - 1] * jax.random.normal(key, x.shape)
+    (u,) = _uniforms(key, x.shape)
+    return x + x * _TABLE["speckle_noise"][severity - 1] * _std_normal(u)
 
 
 def gaussian_blur(key: Array, x: Array, severity: int) -> Array:
@@ -303,9 +325,10 @@ def glass_blur(key: Array, x: Array, severity: int) -> Array:
     r, c = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
     # Reference loops h in range(H - delta, delta, -1): rows/cols delta+1 .. H-delta.
     inside = (r > delta) & (r <= h - delta) & (c > delta) & (c <= w - delta)
-    for k in jax.random.split(key, iters):
-        d = jax.random.randint(k, (2, h, w), -delta, delta)  # high exclusive, as numpy
-        x = x[jnp.where(inside, r + d[0], r), jnp.where(inside, c + d[1], c)]
+    (u,) = _uniforms(key, (iters, 2, h, w))
+    d = jnp.floor(u * (2 * delta)).astype(jnp.int32) - delta  # randint(-delta, delta)
+    for it in range(iters):
+        x = x[jnp.where(inside, r + d[it, 0], r), jnp.where(inside, c + d[it, 1], c)]
     return _gauss_blur(x, sigma)
 
 
@@ -336,8 +359,8 @@ def defocus_blur(key: Array, x: Array, severity: int) -> Array:
 
 def motion_blur(key: Array, x: Array, severity: int) -> Array:
     radius, sigma = _TABLE["motion_blur"][severity - 1]
-    angle = jax.random.uniform(key, (), minval=-45.0, maxval=45.0)
-    return _motion_blur(x, radius * _scale(x), sigma * _scale(x), angle)
+    (u,) = _uniforms(key, ())
+    return _motion_blur(x, radius * _scale(x), sigma * _scale(x), 90.0 * u - 45.0)
 
 
 def zoom_blur(key: Array, x: Array, severity: int) -> Array:
@@ -352,12 +375,12 @@ def zoom_blur(key: Array, x: Array, severity: int) -> Array:
 def snow(key: Array, x: Array, severity: int) -> Array:
     loc, std, zoom, thresh, radius, sigma, keep = _TABLE["snow"][severity - 1]
     h, w = x.shape[:2]
-    k1, k2 = jax.random.split(key)
-    layer = loc + std * jax.random.normal(k1, (h, w, 1))
+    u_layer, u_angle = _uniforms(key, (h, w, 1), ())
+    layer = loc + std * _std_normal(u_layer)
     layer = _separable(layer, _zoom_matrix(h, zoom), _zoom_matrix(w, zoom))
     layer = jnp.where(layer < thresh, 0.0, layer)
     layer = jnp.floor(jnp.clip(layer, 0, 1) * 255.0) / 255.0  # reference goes via uint8
-    angle = jax.random.uniform(k2, (), minval=-135.0, maxval=-45.0)
+    angle = 90.0 * u_angle - 135.0
     layer = _motion_blur(layer, radius * _scale(x), sigma * _scale(x), angle)
     x = keep * x + (1 - keep) * jnp.maximum(x, _luma(x) * 1.5 + 0.5)
     return x + layer + layer[::-1, ::-1]
@@ -365,24 +388,28 @@ def snow(key: Array, x: Array, severity: int) -> Array:
 
 def _plasma_fractal(key: Array, mapsize: int, decay: float) -> Array:
     """Reference diamond-square heightmap [mapsize, mapsize] in [0, 1]."""
+    shapes, step = [], mapsize
+    while step >= 2:
+        shapes += [(mapsize // step, mapsize // step)] * 3
+        step //= 2
+    noise = iter(_uniforms(key, *shapes))
     m = jnp.zeros((mapsize, mapsize), jnp.float32)
     step, wibble = mapsize, 100.0
     while step >= 2:
-        key, k1, k2, k3 = jax.random.split(key, 4)
         half = step // 2
 
-        def wibbled(a: Array, k: Array) -> Array:
-            return a / 4 + wibble * wibble * jax.random.uniform(k, a.shape, minval=-1.0, maxval=1.0)
+        def wibbled(a: Array) -> Array:
+            return a / 4 + wibble * wibble * (2.0 * next(noise) - 1.0)
 
         corner = m[0::step, 0::step]  # squares: centre = mean of 4 corners + noise
         acc = corner + jnp.roll(corner, -1, 0)
         acc = acc + jnp.roll(acc, -1, 1)
-        m = m.at[half::step, half::step].set(wibbled(acc, k1))
+        m = m.at[half::step, half::step].set(wibbled(acc))
         dr, ul = m[half::step, half::step], m[0::step, 0::step]  # diamonds
         m = m.at[0::step, half::step].set(
-            wibbled(dr + jnp.roll(dr, 1, 0) + ul + jnp.roll(ul, -1, 1), k2))
+            wibbled(dr + jnp.roll(dr, 1, 0) + ul + jnp.roll(ul, -1, 1)))
         m = m.at[half::step, 0::step].set(
-            wibbled(dr + jnp.roll(dr, 1, 1) + ul + jnp.roll(ul, -1, 0), k3))
+            wibbled(dr + jnp.roll(dr, 1, 1) + ul + jnp.roll(ul, -1, 0)))
         step //= 2
         wibble /= decay
     m = m - m.min()
@@ -426,7 +453,8 @@ def spatter(key: Array, x: Array, severity: int) -> Array:
     loc, std, sigma, thresh, p4, mud = _TABLE["spatter"][severity - 1]
     h, w, c = x.shape
     s = _scale(x)
-    liquid = _gauss_blur(loc + std * jax.random.normal(key, (h, w, 1)), sigma * s)
+    (u,) = _uniforms(key, (h, w, 1))
+    liquid = _gauss_blur(loc + std * _std_normal(u), sigma * s)
     liquid = jnp.where(liquid < thresh, 0.0, liquid)
     if mud:  # p4 is the sigma of the mud mask
         m = _gauss_blur((liquid > thresh).astype(x.dtype), p4 * s)
@@ -530,11 +558,11 @@ def elastic_transform(key: Array, x: Array, severity: int) -> Array:
     h, w, c = x.shape
     size = min(h, w)
     alpha, sigma, affine = (v * size for v in _TABLE["elastic_transform"][severity - 1])
-    k1, k2, k3 = jax.random.split(key, 3)
+    u_pts, u_dx, u_dy = _uniforms(key, (3, 2), (h, w, 1), (h, w, 1))
     # Random affine: three (x, y) points around the centre moved by U(-affine, affine).
     cx, cy, sq = w // 2, h // 2, size // 3
     pts1 = np.array([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy - sq]], np.float32)
-    pts2 = pts1 + jax.random.uniform(k1, (3, 2), minval=-affine, maxval=affine)
+    pts2 = pts1 + affine * (2.0 * u_pts - 1.0)
     # cv2.warpAffine samples src at M^-1(dst): solve the map pts2 -> pts1 directly.
     inv = jnp.linalg.solve(jnp.concatenate([pts2, jnp.ones((3, 1))], 1), jnp.asarray(pts1))
     rr, cc = jnp.meshgrid(jnp.arange(h, dtype=x.dtype), jnp.arange(w, dtype=x.dtype), indexing="ij")
@@ -548,11 +576,10 @@ def elastic_transform(key: Array, x: Array, severity: int) -> Array:
     if alpha == 0:
         return x
 
-    def field(k: Array) -> Array:
-        u = jax.random.uniform(k, (h, w, 1), minval=-1.0, maxval=1.0)
-        return _gauss_blur(u, sigma, mode="symmetric", truncate=3.0)[..., 0] * alpha
+    def field(u: Array) -> Array:  # U(-1, 1) smoothed, scaled to alpha px
+        return _gauss_blur(2.0 * u - 1.0, sigma, mode="symmetric", truncate=3.0)[..., 0] * alpha
 
-    return warp(x, rr + field(k3), cc + field(k2), "reflect")
+    return warp(x, rr + field(u_dy), cc + field(u_dx), "reflect")
 
 
 _REGISTRY: dict[str, Callable[[Array, Array, int], Array]] = {

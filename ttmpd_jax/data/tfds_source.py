@@ -35,7 +35,7 @@ class TfdsSource:
     return len(self._source)
 
   def __getitem__(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    records = self._source.__getitems__([int(i) for i in indices])
+    records = [self._source[int(i)] for i in indices]
     images = np.stack([np.asarray(r[self._image_key]) for r in records])
     labels = np.asarray([r[self._label_key] for r in records], np.int32)
     if images.ndim == 3:

@@ -1,0 +1,155 @@
+"""Training a network with fixed unstructured masks, with or without self-distillation.
+
+Self-distillation formulation (design choice): progressive self-knowledge distillation (PS-KD,
+Kim et al., ICCV 2021). In epoch t (0-based) of T the soft target of sample i is
+
+    q_i = (1 − α_t)·onehot(y_i) + α_t·p_{t−1}(x_i),   α_t = α_T · t / T,
+
+where p_{t−1}(x_i) is the softmax the network itself produced for sample i when it last saw it in
+the previous epoch (the train-mode forward pass of that step: no extra forward passes). The
+predictions live in an on-device table [N, classes] keyed by the sample id of the pipeline
+(``batch['index']``); it starts as the one-hot labels, so samples not yet seen (epoch 0, or dropped
+by ``drop_remainder``) fall back to their label. The loss is CE(q, softmax(z)). Plain training is
+the same step with α = 0 (q = one-hot), so every method shares one compiled step.
+
+Masks are held fixed: the forward pass uses ``apply_weight_masks(params)`` (so pruned weights get
+zero gradient) and the parameters are masked again after every optimizer update (so weight decay
+and momentum can never revive them). Pruned weights are therefore exactly zero throughout.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ttmpd_jax import parallel
+from ttmpd_jax import train as train_lib
+from ttmpd_jax.data import pipeline
+from ttmpd_jax.data.datasets import Dataset
+from ttmpd_jax.distill import losses
+from ttmpd_jax.pruning import unstructured
+
+Variables = dict[str, Any]
+
+
+def pskd_alpha(epoch: int, num_epochs: float, alpha_T: float) -> float:
+  """α_t = α_T · t / T (PS-KD's linear schedule); 0 in the first epoch."""
+  return float(alpha_T) * epoch / max(float(num_epochs), 1e-9)
+
+
+def make_masked_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -> Callable:
+  """The jitted step shared by plain and self-distilled training.
+
+  ``step(variables, opt_state, masks, prev_table, next_table, images, labels, indices, alpha)``
+  -> ``(variables, opt_state, next_table, loss)``.
+
+  Args:
+    masks: mask tree (``unstructured``): bool at prunable leaves, ``None`` elsewhere.
+    prev_table: float32 [N, K] previous-epoch predictions of every training sample (read).
+    next_table: float32 [N, K] this epoch's predictions (the batch's rows are written).
+    images: float32 [B, H, W, C]; labels, indices: int32 [B].
+    alpha: float32 scalar, weight of the self-distillation target (0 = cross-entropy).
+  """
+
+  def loss_fn(params, batch_stats, masks, images, targets):
+    logits, updates = model.apply(
+        {'params': unstructured.apply_weight_masks(params, masks), 'batch_stats': batch_stats},
+        images, train=True, mutable=['batch_stats'])
+    loss = losses.soft_target_cross_entropy(logits, targets)
+    return loss, (updates['batch_stats'], jax.nn.softmax(logits, axis=-1))
+
+  def step(variables, opt_state, masks, prev_table, next_table, images, labels, indices, alpha):
+    onehot = jax.nn.one_hot(labels, prev_table.shape[-1], dtype=jnp.float32)
+    targets = (1.0 - alpha) * onehot + alpha * prev_table[indices]
+    (loss, (batch_stats, probs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        variables['params'], variables['batch_stats'], masks, images, targets)
+    updates, opt_state = optimizer.update(grads, opt_state, variables['params'])
+    params = unstructured.apply_weight_masks(
+        optax.apply_updates(variables['params'], updates), masks)
+    next_table = next_table.at[indices].set(jax.lax.stop_gradient(probs))
+    return {'params': params, 'batch_stats': batch_stats}, opt_state, next_table, loss
+
+  return jax.jit(step)
+
+
+def train_masked(model: nn.Module, variables: Variables, masks: Any, train_set: Dataset, *,
+                 epochs: float, batch_size: int, learning_rate: float, weight_decay: float,
+                 seed: int, sd_alpha: Optional[float] = None, warmup_steps: Optional[int] = None,
+                 mesh: Optional[jax.sharding.Mesh] = None, log_every: int = 0,
+                 print_fn: Callable[[str], None] = print) -> tuple[Variables, dict[str, Any]]:
+  """Trains ``variables`` (masked by ``masks``, held fixed) from their current values.
+
+  Args:
+    model: the Flax module; variables: ``{'params', 'batch_stats'}`` (e.g. at initialisation).
+    masks: mask tree from ``unstructured.global_mask`` etc.; ``unstructured.dense_masks`` (or any
+      all-True tree) for dense training.
+    train_set: training examples (all are used; shuffled per epoch with ``seed``).
+    epochs: passes over ``train_set`` (fractional allowed; the PS-KD epoch index is
+      ``step // steps_per_epoch``).
+    batch_size, learning_rate, weight_decay: SGD + Nesterov, cosine decay (``train.sgd_cosine``),
+      warm-up of ``warmup_steps`` (default: 10% of the steps, at most 100).
+    sd_alpha: ``None`` for cross-entropy; α_T of PS-KD self-distillation otherwise.
+    mesh: data-parallel mesh (default: all local devices).
+  Returns:
+    Trained variables (host arrays; pruned weights exactly zero) and a summary dict.
+  """
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_batch_divisible(batch_size, mesh)
+  steps_per_epoch = len(train_set) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size={batch_size} is larger than the training set ({len(train_set)})')
+  total_steps = max(1, int(round(epochs * steps_per_epoch)))
+  if warmup_steps is None:
+    warmup_steps = min(100, total_steps // 10)
+  optimizer = train_lib.sgd_cosine(learning_rate, total_steps, weight_decay,
+                                   warmup_steps=warmup_steps)
+  params = unstructured.apply_weight_masks(variables['params'], masks)
+  variables = parallel.replicate({'params': params, 'batch_stats': variables['batch_stats']}, mesh)
+  masks = parallel.replicate(masks, mesh)
+  opt_state = parallel.replicate(optimizer.init(variables['params']), mesh)
+  step_fn = make_masked_train_step(model, optimizer)
+  num_classes = train_set.num_classes
+  onehot = np.eye(num_classes, dtype=np.float32)[train_set.labels]
+  prev_table = parallel.replicate(jnp.asarray(onehot), mesh)
+  next_table = parallel.replicate(jnp.asarray(onehot), mesh)
+
+  def stream() -> Iterable[tuple[int, dict[str, np.ndarray]]]:
+    epoch = 0
+    while True:
+      for batch in pipeline.batches(train_set.images, train_set.labels, batch_size,
+                                    family=train_set.family, seed=seed * 1000 + epoch,
+                                    drop_remainder=True, process_index=jax.process_index(),
+                                    process_count=jax.process_count()):
+        yield epoch, batch
+      epoch += 1
+
+  start = time.time()
+  losses_seen = []
+  current_epoch = 0
+  for step, (epoch, batch) in zip(range(1, total_steps + 1), stream()):
+    if epoch != current_epoch:
+      # This epoch's predictions become the next epoch's teacher; the written table keeps the
+      # older predictions of samples not visited this epoch (never-visited ones stay one-hot).
+      prev_table, next_table = next_table, jnp.copy(next_table)
+      current_epoch = epoch
+    alpha = 0.0 if sd_alpha is None else pskd_alpha(epoch, epochs, sd_alpha)
+    images, labels, indices = parallel.shard_batch(
+        (batch['image'], batch['label'], batch['index']), mesh)
+    variables, opt_state, next_table, loss = step_fn(
+        variables, opt_state, masks, prev_table, next_table, images, labels, indices,
+        jnp.float32(alpha))
+    if log_every and (step % log_every == 0 or step == total_steps):
+      losses_seen.append(float(loss))
+      elapsed = time.time() - start
+      print_fn(f'  step {step}/{total_steps}  epoch {step / steps_per_epoch:.2f}  '
+               f'alpha {alpha:.2f}  loss {losses_seen[-1]:.4f}  {step / elapsed:.1f} steps/s')
+  final_loss = float(loss)
+  summary = {'steps': total_steps, 'train_time_s': time.time() - start, 'final_loss': final_loss,
+             'final_alpha': alpha}
+  return jax.device_get(variables), summary

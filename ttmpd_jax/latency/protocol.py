@@ -1,0 +1,180 @@
+"""The one latency measurement protocol used everywhere (table entries, whole models, benchmarks).
+
+Protocol: compile ahead of time (``jit(...).lower(...).compile()``, timed separately), run
+``warmup`` untimed calls, then time ``repeats`` calls, each ending in ``block_until_ready`` so
+that asynchronous dispatch does not hide device time. Report the median (robust to the bursts of
+a shared machine) with the interquartile range as spread.
+
+Design choice: :func:`measure_many` interleaves the timed calls of several functions (round
+robin, one call of each per round, order rotated every round) instead of timing each function in
+a block. Background load then hits every function about equally, which keeps *relative*
+latencies (what a latency table is for) stable on a busy machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+Variables = Mapping[str, Any]
+
+DEFAULT_REPEATS = 10
+DEFAULT_WARMUP = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Latency of one function: statistics over ``repeats`` timed calls, in milliseconds.
+
+  Attributes:
+    median_ms: median wall time of one call (the number every other module uses).
+    iqr_ms: interquartile range (75th - 25th percentile) of the calls: the spread.
+    min_ms: fastest call.
+    repeats: number of timed calls.
+    compile_s: seconds spent compiling (0 when the caller passed a compiled function).
+    times_ms: every timed call, in the order they ran.
+  """
+
+  median_ms: float
+  iqr_ms: float
+  min_ms: float
+  repeats: int
+  compile_s: float = 0.0
+  times_ms: tuple[float, ...] = ()
+
+  @property
+  def relative_spread(self) -> float:
+    """IQR / median: 0.05 means the middle half of the calls lie within 5% of each other."""
+    return self.iqr_ms / self.median_ms if self.median_ms > 0 else float('inf')
+
+  def __str__(self) -> str:
+    return f'{self.median_ms:.3f} ms (IQR {self.iqr_ms:.3f}, n={self.repeats})'
+
+
+def timing_from_samples(times_ms: Sequence[float], compile_s: float = 0.0) -> Timing:
+  """Summarises raw per-call times (ms) into a :class:`Timing`."""
+  t = np.asarray(times_ms, np.float64)
+  chex.assert_rank(t, 1)
+  if t.size == 0:
+    raise ValueError('no timed calls')
+  q25, q50, q75 = np.percentile(t, [25, 50, 75])
+  return Timing(float(q50), float(q75 - q25), float(t.min()), int(t.size), float(compile_s),
+                tuple(float(x) for x in t))
+
+
+def compile_fn(fn: Callable, *args) -> tuple[Callable, float]:
+  """Ahead-of-time compiles ``fn`` (jitting it if needed) for ``args``; returns (exe, seconds)."""
+  start = time.perf_counter()
+  jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _call_blocking(compiled: Callable, args: tuple) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  return (time.perf_counter() - start) * 1e3
+
+
+def measure_many(calls: Sequence[tuple[Callable, tuple]], repeats: int = DEFAULT_REPEATS,
+                 warmup: int = DEFAULT_WARMUP) -> list[Timing]:
+  """Times several ``(fn, args)`` pairs with interleaved calls; one :class:`Timing` each.
+
+  Args:
+    calls: functions (plain, jitted or already compiled) with their argument tuples. Arguments
+      should already live on the device (``jax.device_put``) so no transfer is timed.
+    repeats: timed calls per function (>= 1).
+    warmup: untimed calls per function after compilation (>= 0).
+  """
+  if repeats < 1 or warmup < 0:
+    raise ValueError(f'need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}')
+  compiled, compile_s = [], []
+  for fn, args in calls:
+    if hasattr(fn, 'lower'):  # jitted: compile ahead of time so compilation is never timed.
+      exe, seconds = compile_fn(fn, *args)
+    elif isinstance(fn, jax.stages.Compiled):
+      exe, seconds = fn, 0.0
+    else:
+      exe, seconds = compile_fn(jax.jit(fn), *args)
+    compiled.append(exe)
+    compile_s.append(seconds)
+  for exe, (_, args) in zip(compiled, calls):
+    for _ in range(warmup):
+      jax.block_until_ready(exe(*args))
+  samples: list[list[float]] = [[] for _ in calls]
+  n = len(calls)
+  for r in range(repeats):
+    for j in range(n):
+      i = (j + r) % n  # Rotate the order so no function always runs right after another.
+      samples[i].append(_call_blocking(compiled[i], calls[i][1]))
+  return [timing_from_samples(s, c) for s, c in zip(samples, compile_s)]
+
+
+def measure(fn: Callable, *args, repeats: int = DEFAULT_REPEATS,
+            warmup: int = DEFAULT_WARMUP) -> Timing:
+  """Latency of ``fn(*args)``: jit-compile, warm up, median of ``repeats`` blocking calls."""
+  return measure_many([(fn, args)], repeats=repeats, warmup=warmup)[0]
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+  """Casts every floating-point leaf of ``tree`` to ``dtype`` (integer leaves are kept)."""
+  dtype = jnp.dtype(dtype)
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def synthetic_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0,
+                        dtype: Any = jnp.float32) -> Variables:
+  """Variables of the right shapes for timing, without running (and compiling) ``model.init``.
+
+  Values are small normals (BatchNorm variances are ones): latency does not depend on them, and
+  this keeps measuring many architectures cheap. ``input_shape`` includes the batch dimension.
+  """
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32), train=False))
+  rng = np.random.default_rng(seed)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  values = []
+  for path, leaf in leaves:
+    name = str(getattr(path[-1], 'key', path[-1]))
+    if name == 'var':
+      value = np.ones(leaf.shape, np.float32)
+    else:
+      value = (0.05 * rng.standard_normal(leaf.shape)).astype(np.float32)
+    values.append(value)
+  variables = jax.tree_util.tree_unflatten(treedef, values)
+  return jax.device_put(cast_floating(variables, dtype))
+
+
+def measure_model(model: nn.Module, variables: Variables, input_shape: tuple[int, ...],
+                  dtype: Any = jnp.float32, repeats: int = DEFAULT_REPEATS,
+                  warmup: int = DEFAULT_WARMUP) -> Timing:
+  """End-to-end eval-mode latency of ``model.apply(variables, x, train=False)``.
+
+  Variables are passed as jit *arguments* (not closed-over constants), as in real inference, so
+  XLA cannot constant-fold them. ``input_shape`` is the full batch shape, e.g. (256, 28, 28, 1);
+  variables and input are cast to ``dtype``.
+  """
+  return measure_models([(model, variables)], input_shape, dtype, repeats, warmup)[0]
+
+
+def measure_models(models: Sequence[tuple[nn.Module, Variables]], input_shape: tuple[int, ...],
+                   dtype: Any = jnp.float32, repeats: int = DEFAULT_REPEATS,
+                   warmup: int = DEFAULT_WARMUP) -> list[Timing]:
+  """:func:`measure_model` for several models at once, with interleaved timed calls."""
+  if len(input_shape) < 2:
+    raise ValueError(f'input_shape must include the batch dimension, got {input_shape}')
+  x = jax.device_put(jnp.asarray(
+      np.random.default_rng(0).standard_normal(input_shape), dtype=jnp.dtype(dtype)))
+  calls = []
+  for model, variables in models:
+    fn = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
+    calls.append((fn, (jax.device_put(cast_floating(variables, dtype)), x)))
+  return measure_many(calls, repeats=repeats, warmup=warmup)
