@@ -61,12 +61,12 @@ def _check_severities(values) -> bool:
   return True
 
 
-def _check_corruptions(values) -> bool:
+def check_corruptions(values) -> bool:
   from ttmpd_jax.data import corruptions
   unknown = [c for c in values if c not in corruptions.CORRUPTIONS]
   if unknown:
     raise flags.ValidationError(
-        f'--corruptions: unknown corruption(s) {", ".join(unknown)}; valid names: '
+        f'unknown corruption(s) {", ".join(unknown)}; valid names: '
         f'{", ".join(corruptions.CORRUPTIONS)}')
   return True
 
@@ -76,7 +76,7 @@ def _check_positive_or_none(value) -> bool:
 
 
 flags.register_validator('severities', _check_severities)
-flags.register_validator('corruptions', _check_corruptions)
+flags.register_validator('corruptions', check_corruptions)
 for _name in ('test_limit', 'train_limit', 'base_width'):
   flags.register_validator(_name, _check_positive_or_none, f'--{_name} must be positive')
 flags.register_validator('epochs', lambda v: v > 0, '--epochs must be positive')

@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 from absl import flags
 
 from launch import common
 from ttmpd_jax import checkpoint, train
 from ttmpd_jax.models import build_model
+from ttmpd_jax.models.inspect import count_flops_and_params
 
 FLAGS = flags.FLAGS
 MODES = ('pretrain', 'evaluate')
 
 
-def evaluation_rows(model, variables, ctx: common.Context) -> list[dict]:
-  """Accuracy on the clean test split and on every requested shifted test set."""
+def evaluation_rows(model, variables, ctx: common.Context,
+                    names: Optional[Sequence[str]] = None) -> list[dict]:
+  """Accuracy on the clean test split and on each shifted test set (default: the flags')."""
   predict = train.make_predict(model)
   rows = []
   clean = ctx.clean_test_set()
   clean_acc = train.accuracy(model, variables, clean, FLAGS.eval_batch_size, predict)
   rows.append({'dataset': f'{clean.name} (clean test)', 'accuracy': clean_acc, 'drop_pp': 0.0})
   common.log(f'  {rows[-1]["dataset"]}: {clean_acc:.4f}')
-  for name in ctx.shifted_dataset_names():
+  for name in ctx.shifted_dataset_names() if names is None else names:
     shifted = ctx.dataset(name, 'test', FLAGS.test_limit)
     acc = train.accuracy(model, variables, shifted, FLAGS.eval_batch_size, predict)
     rows.append({'dataset': name, 'accuracy': acc, 'drop_pp': 100.0 * (clean_acc - acc)})
     common.log(f'  {name}: {acc:.4f}')
   return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+  print()
+  print(common.format_table(['dataset', 'accuracy', 'drop (pp)'],
+                            [[r['dataset'], r['accuracy'], f'{r["drop_pp"]:.1f}'] for r in rows]))
+  print()
 
 
 def run(ctx: common.Context, mode: str) -> None:
@@ -36,12 +47,8 @@ def run(ctx: common.Context, mode: str) -> None:
     model, variables, meta = source.model, source.variables, source.meta
   common.log(f'evaluating {meta.spec.name} ({source.path})')
   rows = evaluation_rows(model, variables, ctx)
-  print()
-  print(common.format_table(['dataset', 'accuracy', 'drop (pp)'],
-                            [[r['dataset'], r['accuracy'], f'{r["drop_pp"]:.1f}'] for r in rows]))
-  print()
-  macs, params = __import__('ttmpd_jax.models.inspect', fromlist=['x']).count_flops_and_params(
-      model, variables, meta.image_shape)
+  print_rows(rows)
+  macs, params = count_flops_and_params(model, variables, meta.image_shape)
   ctx.write_report({
       'mode': mode, 'checkpoint': source.path, 'spec': meta.spec.to_json(),
       'flops': macs, 'params': params, 'trained_now': source.trained_now,

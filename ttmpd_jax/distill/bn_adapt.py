@@ -166,7 +166,8 @@ def teacher_bn_adapt(model: nn.Module, variables: Mapping[str, Any], dataset: Da
     raise UserError(f'teacher BN adaptation: test set {dataset.name} has {len(dataset)} samples, '
                     f'fewer than the {mesh.size} devices')
   if num_batches is not None and num_batches <= 0:
-    raise UserError(f'teacher BN adaptation needs at least one batch, got num_batches={num_batches}')
+    raise UserError(f'teacher BN adaptation needs at least one batch, got '
+                    f'num_batches={num_batches}')
   stream = pipeline.batches(dataset.images, np.zeros(len(dataset), np.int32), batch_size,
                             family=dataset.family, seed=seed, drop_remainder=True,
                             process_index=jax.process_index(), process_count=jax.process_count())

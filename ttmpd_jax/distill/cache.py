@@ -17,8 +17,9 @@ file on disk all change the key. S is small (1-20% of the test set), so hashing 
 than labelling it. The key is checked on every load and by ``finetune``; a mismatch raises
 ``CacheError``.
 
-On disk a cache is one ``.npz`` file (``ids`` int32 [S], ``logits`` float32 [S, K], ``key``,
-``info`` JSON), written to a temporary file and renamed, so an interrupted write never leaves a
+Design choice: on disk a cache is one ``.npz`` file (``ids`` int32 [S], ``logits`` float32
+[S, K], ``key``, ``info`` JSON; a few MB at most, read whole, so orbax's directory tree buys
+nothing), written to a temporary file and renamed, so an interrupted write never leaves a
 truncated cache. ``cache_path(directory, key)`` names the file after its key, so a different
 teacher or data set can only ever find its own cache.
 """
@@ -147,7 +148,8 @@ def fingerprint_variables(variables: Any) -> str:
 def preprocessing_descriptor(dataset: Dataset) -> dict[str, Any]:
   """What turns the stored images into model inputs (part of the cache key)."""
   mean, std = pipeline.NORMALIZATION.get(dataset.family, ((0.5,), (0.5,)))
-  return {'dataset': dataset.name, 'family': dataset.family, 'image_shape': list(dataset.image_shape),
+  return {'dataset': dataset.name, 'family': dataset.family,
+          'image_shape': list(dataset.image_shape),
           'dtype': str(dataset.images.dtype), 'mean': list(mean), 'std': list(std)}
 
 
@@ -200,6 +202,7 @@ def make_label_fn(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
 
 def build_cache(model: nn.Module, variables: Any, dataset: Dataset, ids: np.ndarray, *,
                 batch_size: int = 500, mesh: Optional[jax.sharding.Mesh] = None,
+                label_fn: Optional[Callable] = None,
                 print_fn: Callable[[str], None] = print) -> PseudoLabelCache:
   """Runs the teacher once over ``dataset[ids]`` (eval mode, jitted, batched, data-parallel).
 
@@ -210,6 +213,7 @@ def build_cache(model: nn.Module, variables: Any, dataset: Dataset, ids: np.ndar
     batch_size: global batch size; rounded down to a multiple of the mesh size (and to at most
       S rounded up). The last partial batch is padded, so one compiled function serves all.
     mesh: 1-D data mesh (all local devices when ``None``).
+    label_fn: ``make_label_fn(model, mesh)`` to reuse an already compiled teacher pass.
   Returns:
     The cache, with ``info['labelling_time_s']`` (wall seconds including compilation) and
     ``info['labelling_steps']``.
@@ -226,7 +230,7 @@ def build_cache(model: nn.Module, variables: Any, dataset: Dataset, ids: np.ndar
   # Pad the id list (repeating the first id) to whole batches; padded rows are dropped below.
   n_pad = -len(ids) % batch_size
   padded_ids = np.concatenate([ids, np.repeat(ids[:1], n_pad)])
-  label = make_label_fn(model, mesh)
+  label = label_fn or make_label_fn(model, mesh)
   variables = parallel.replicate(variables, mesh)
   outputs = []
   for batch in pipeline.batches(dataset.images, np.zeros(len(dataset), np.int32), batch_size,

@@ -78,7 +78,8 @@ def init_state(variables: Mapping[str, Any], optimizer: optax.GradientTransforma
 
 
 def kd_optimizer(learning_rate: float, total_steps: int, *, momentum: float = 0.9,
-                 weight_decay: float = 0.0, schedule: str = 'cosine') -> optax.GradientTransformation:
+                 weight_decay: float = 0.0,
+                 schedule: str = 'cosine') -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum for KD fine-tuning.
 
   Design choice: ``schedule='cosine'`` decays ``learning_rate`` to 0 over ``total_steps`` (no
@@ -106,6 +107,9 @@ def _kd_update(model: nn.Module, optimizer: optax.GradientTransformation,
                hard_weight: float, state: KDState, aux: Any, images: jax.Array,
                teacher_logits: jax.Array) -> tuple[KDState, dict[str, jax.Array]]:
   """One KD update (traced inside jit by both step flavours)."""
+  chex.assert_rank(images, 4)
+  chex.assert_rank(teacher_logits, 2)
+  chex.assert_equal_shape_prefix((images, teacher_logits), 1)
 
   def loss_fn(params):
     variables = _apply_transform(transform, {'params': params, 'batch_stats': state.batch_stats},
@@ -113,6 +117,7 @@ def _kd_update(model: nn.Module, optimizer: optax.GradientTransformation,
     logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
     loss = kd_loss(logits, teacher_logits, temperature=temperature, kl_weight=kl_weight,
                    hard_weight=hard_weight)
+    chex.assert_equal_shape((logits, teacher_logits))
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -129,24 +134,28 @@ def _kd_update(model: nn.Module, optimizer: optax.GradientTransformation,
 
 def make_kd_step(model: nn.Module, optimizer: optax.GradientTransformation, *,
                  transform: Optional[Transform] = None, temperature: float = 1.0,
-                 kl_weight: float = 1.0, hard_weight: float = 0.0) -> Callable:
+                 kl_weight: float = 1.0, hard_weight: float = 0.0,
+                 donate: bool = False) -> Callable:
   """KD step from cached teacher logits, jitted once.
 
   Returns ``step(state, aux, images, teacher_logits) -> (state, metrics)`` with
   ``images`` float32 [B, H, W, C] (normalised), ``teacher_logits`` float32 [B, K], ``aux`` the
   pytree forwarded to ``transform`` (``None`` without a transform) and ``metrics`` =
-  ``{'loss': scalar, 'agreement': top-1 agreement with the teacher in [0, 1]}``.
+  ``{'loss': scalar, 'agreement': top-1 agreement with the teacher in [0, 1]}``. With
+  ``donate=True`` the input state's buffers are reused for the output (the caller must not touch
+  the old state again); saves a copy of the variables and optimizer state per step.
   """
   update = lambda state, aux, images, teacher_logits: _kd_update(
       model, optimizer, transform, temperature, kl_weight, hard_weight, state, aux, images,
       teacher_logits)
-  return jax.jit(update)
+  return jax.jit(update, donate_argnums=(0,) if donate else ())
 
 
 def make_online_kd_step(model: nn.Module, optimizer: optax.GradientTransformation,
                         teacher_model: nn.Module, teacher_variables: Mapping[str, Any], *,
                         transform: Optional[Transform] = None, temperature: float = 1.0,
-                        kl_weight: float = 1.0, hard_weight: float = 0.0) -> Callable:
+                        kl_weight: float = 1.0, hard_weight: float = 0.0,
+                        donate: bool = False) -> Callable:
   """The online-KD baseline: the teacher (eval mode) runs inside every step.
 
   Returns ``step(state, aux, images) -> (state, metrics)``. The teacher's variables are a jit
@@ -158,7 +167,7 @@ def make_online_kd_step(model: nn.Module, optimizer: optax.GradientTransformatio
     return _kd_update(model, optimizer, transform, temperature, kl_weight, hard_weight, state,
                       aux, images, teacher_logits)
 
-  jitted = jax.jit(update)
+  jitted = jax.jit(update, donate_argnums=(0,) if donate else ())
   return lambda state, aux, images: jitted(state, aux, images, teacher_variables)
 
 
@@ -169,8 +178,8 @@ def make_online_kd_step(model: nn.Module, optimizer: optax.GradientTransformatio
 def batch_positions(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
   """Rows (into the subset S of size ``n``) of the global batch for 0-based ``step``.
 
-  Each epoch is a fresh seeded permutation of S; the last partial batch of an epoch is dropped so
-  shapes stay fixed. Depends only on its arguments, so a resumed run sees the same batches.
+  Design choice: each epoch is a fresh permutation of S seeded by ``(seed, epoch)``; the last
+  partial batch of an epoch is dropped so shapes stay fixed under jit. Depends only on its arguments, so a resumed run sees the same batches.
   """
   per_epoch = n // batch_size
   epoch, within = divmod(step, per_epoch)
@@ -213,7 +222,7 @@ def finetune(model: nn.Module, variables: Mapping[str, Any], dataset: Dataset, *
              optimizer: Optional[optax.GradientTransformation] = None,
              mesh: Optional[jax.sharding.Mesh] = None,
              checkpoint_dir: Optional[str] = None, checkpoint_every: int = 100,
-             keep_checkpoints: int = 3, log_every: int = 50,
+             keep_checkpoints: int = 3, log_every: int = 50, verify_data: bool = True,
              print_fn: Callable[[str], None] = print,
              on_step: Optional[Callable[[int, dict[str, jax.Array]], None]] = None,
              ) -> tuple[Variables, dict[str, Any]]:
@@ -239,6 +248,8 @@ def finetune(model: nn.Module, variables: Mapping[str, Any], dataset: Dataset, *
       run (same cache key, student, hyper-parameters) training resumes from its latest step.
     checkpoint_every, keep_checkpoints: save interval in steps, and how many to keep.
     log_every: progress line every this many steps (step, loss, agreement, steps/s, ETA).
+    verify_data: check that ``dataset``'s images of S are those the cache was built on (a hash
+      of S's images; cheap for small images, switch off in tight loops over large ones).
     on_step: called as ``on_step(step, metrics)`` after each update (1-based step; metrics are
       device arrays, not synchronised). Raising from it aborts the run (tests simulate a kill).
   Returns:
@@ -261,7 +272,8 @@ def finetune(model: nn.Module, variables: Mapping[str, Any], dataset: Dataset, *
       raise cache_lib.CacheError(f'pseudo-label cache refers to sample {cache.ids.max()} but '
                                  f'{dataset.name} has only {len(dataset)} samples')
     expected_images = cache.info.get('images_sha256')
-    if expected_images and expected_images != cache_lib.images_fingerprint(dataset, cache.ids):
+    if verify_data and expected_images and expected_images != cache_lib.images_fingerprint(
+        dataset, cache.ids):
       raise cache_lib.CacheError(f'pseudo-label cache was built on other images than '
                                  f'{dataset.name} holds now; rebuild the cache')
   mesh = mesh or parallel.make_mesh()
@@ -270,10 +282,12 @@ def finetune(model: nn.Module, variables: Mapping[str, Any], dataset: Dataset, *
     raise UserError(f'KD batch size {batch_size} is larger than the fine-tuning subset '
                     f'({len(ids)} samples); use a smaller batch or a larger subset')
 
+  custom_optimizer = optimizer is not None
   optimizer = optimizer or kd_optimizer(learning_rate, steps, momentum=momentum,
                                         weight_decay=weight_decay, schedule=schedule)
+  # The loop owns its state, so the step may reuse (donate) the previous state's buffers.
   kwargs = dict(transform=transform, temperature=temperature, kl_weight=kl_weight,
-                hard_weight=hard_weight)
+                hard_weight=hard_weight, donate=True)
   if online:
     teacher_model, teacher_variables = teacher
     step_fn = make_online_kd_step(model, optimizer, teacher_model,
@@ -283,7 +297,8 @@ def finetune(model: nn.Module, variables: Mapping[str, Any], dataset: Dataset, *
 
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   variables = _apply_transform(transform, variables, aux)
-  state = parallel.replicate(init_state(variables, optimizer), mesh)
+  # Copy: device_put may alias the caller's arrays, which donation would then invalidate.
+  state = jax.tree.map(jnp.copy, parallel.replicate(init_state(variables, optimizer), mesh))
   aux = parallel.replicate(aux, mesh) if aux is not None else None
 
   manager = None
@@ -293,10 +308,12 @@ def finetune(model: nn.Module, variables: Mapping[str, Any], dataset: Dataset, *
         'teacher': cache.key if cache is not None else cache_lib.fingerprint_variables(teacher[1]),
         'online': online, 'student': cache_lib.fingerprint_variables(variables),
         'aux': cache_lib.fingerprint_variables(aux) if aux is not None else '',
-        'ids': cache_lib.fingerprint_variables(ids), 'steps': steps, 'batch_size': batch_size,
-        'seed': seed, 'learning_rate': learning_rate, 'temperature': temperature,
-        'kl_weight': kl_weight, 'hard_weight': hard_weight, 'momentum': momentum,
-        'weight_decay': weight_decay, 'schedule': schedule}
+        'ids': cache_lib.fingerprint_variables(ids), 'steps': int(steps),
+        'batch_size': int(batch_size), 'seed': int(seed), 'learning_rate': float(learning_rate),
+        'temperature': float(temperature), 'kl_weight': float(kl_weight),
+        'hard_weight': float(hard_weight), 'momentum': float(momentum),
+        'weight_decay': float(weight_decay), 'schedule': str(schedule),
+        'optimizer': 'custom' if custom_optimizer else 'kd_optimizer'}
     directory = os.path.abspath(checkpoint_dir)
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(

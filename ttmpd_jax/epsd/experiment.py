@@ -31,6 +31,7 @@ counted in full for each), building the mask and training; evaluation is exclude
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -38,6 +39,7 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ttmpd_jax import checkpoint, train as train_lib
@@ -147,6 +149,17 @@ class EPSDConfig:
 # Scoring.
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init(model, image_shape: tuple[int, ...], key: jax.Array) -> dict[str, Any]:
+  variables = model.init(key, jnp.zeros((1, *image_shape)), train=False)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def init_variables(model, image_shape: tuple[int, ...], seed: int) -> dict[str, Any]:
+  """Same values as ``train.init_variables``, compiled once per (model, shape) for a sweep."""
+  return _init(model, tuple(image_shape), jax.random.key(seed))
+
+
 def saliency_batches(train_set: Dataset, batch_size: int, count: int, seed: int) -> list[dict]:
   """The first ``count`` shuffled training batches (seeded) used by the gradient criteria."""
   if len(train_set) < batch_size:
@@ -168,17 +181,16 @@ def compute_scores(criterion: str, model, variables, batches: Sequence[dict], *,
   Criteria (pluggable, add entries here): 'random', 'magnitude', 'snip' (cross-entropy
   saliency), 'sd' (EPSD: self-distillation saliency, ``saliency.sd_objective``).
   """
-  params, batch_stats = variables['params'], variables['batch_stats']
+  params = variables['params']
   if criterion == 'random':
     return unstructured.random_scores(params, jax.random.key(seed + 424_242))
   if criterion == 'magnitude':
     return unstructured.magnitude_scores(params)
   if criterion == 'snip':
-    return unstructured.gradient_saliency(saliency.ce_objective(model, batch_stats), params,
-                                          batches)
+    return unstructured.gradient_saliency(saliency.ce_objective(model), params, batches)
   if criterion == 'sd':
     return unstructured.gradient_saliency(
-        saliency.sd_objective(model, batch_stats, alpha=sd_alpha, temperature=temperature),
+        saliency.sd_objective(model, alpha=sd_alpha, temperature=temperature),
         params, batches)
   raise UserError(f'unknown saliency criterion {criterion!r}; expected random, magnitude, snip '
                   f'or sd')
@@ -369,6 +381,7 @@ def run_sweep(config: EPSDConfig, train_set: Dataset, test_set: Dataset, output_
         print_fn(f'resuming: {len(done)} runs already in {report_path}')
 
   model = build_model(config.spec)
+  predict = train_lib.make_predict(model)  # Compiled once for the whole sweep.
   sal_alpha = config.sd_alpha if config.saliency_alpha is None else config.saliency_alpha
   runs: list[dict[str, Any]] = []
   sweep_start = time.time()
@@ -395,7 +408,7 @@ def run_sweep(config: EPSDConfig, train_set: Dataset, test_set: Dataset, output_
       continue
     method = METHODS[method_name]
     start = time.time()
-    variables = train_lib.init_variables(model, train_set.image_shape, seed)
+    variables = init_variables(model, train_set.image_shape, seed)
     saliency_time = 0.0
     masks = unstructured.dense_masks(variables['params'])
     overlap = None
@@ -427,7 +440,7 @@ def run_sweep(config: EPSDConfig, train_set: Dataset, test_set: Dataset, output_
         sd_alpha=config.sd_alpha if method.self_distill else None, log_every=log_every,
         print_fn=print_fn)
     time_s = time.time() - start
-    accuracy = train_lib.accuracy(model, variables, test_set, config.eval_batch_size)
+    accuracy = train_lib.accuracy(model, variables, test_set, config.eval_batch_size, predict)
     zeroed, prunable = unstructured.mask_counts(masks)
     record: dict[str, Any] = {
         'method': method_name, 'sparsity': float(sparsity), 'accuracy': accuracy, 'seed': seed,

@@ -19,6 +19,8 @@ and momentum can never revive them). Pruned weights are therefore exactly zero t
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from typing import Any, Callable, Iterable, Optional
 
@@ -43,39 +45,58 @@ def pskd_alpha(epoch: int, num_epochs: float, alpha_T: float) -> float:
   return float(alpha_T) * epoch / max(float(num_epochs), 1e-9)
 
 
-def make_masked_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -> Callable:
-  """The jitted step shared by plain and self-distilled training.
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Hashable settings of ``train.sgd_cosine`` (so equal settings share one compiled step)."""
 
-  ``step(variables, opt_state, masks, prev_table, next_table, images, labels, indices, alpha)``
-  -> ``(variables, opt_state, next_table, loss)``.
+  learning_rate: float
+  total_steps: int
+  weight_decay: float = 5e-4
+  warmup_steps: int = 0
+
+  def build(self) -> optax.GradientTransformation:
+    return train_lib.sgd_cosine(self.learning_rate, self.total_steps, self.weight_decay,
+                                warmup_steps=self.warmup_steps)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def masked_train_step(model: nn.Module, opt_config: OptimizerConfig, variables: Variables,
+                      opt_state: Any, masks: Any, prev_table: jax.Array, next_table: jax.Array,
+                      images: jax.Array, labels: jax.Array, indices: jax.Array,
+                      alpha: jax.Array) -> tuple[Variables, Any, jax.Array, jax.Array]:
+  """One SGD step with fixed masks; plain (alpha = 0) or PS-KD self-distilled (alpha > 0).
+
+  Compiled once per (model, opt_config, shapes) and shared by every method of a sweep.
 
   Args:
+    model, opt_config: static.
+    variables: ``{'params', 'batch_stats'}``; opt_state: the optimizer state.
     masks: mask tree (``unstructured``): bool at prunable leaves, ``None`` elsewhere.
     prev_table: float32 [N, K] previous-epoch predictions of every training sample (read).
     next_table: float32 [N, K] this epoch's predictions (the batch's rows are written).
-    images: float32 [B, H, W, C]; labels, indices: int32 [B].
-    alpha: float32 scalar, weight of the self-distillation target (0 = cross-entropy).
+    images: float32 [B, H, W, C]; labels, indices: int32 [B] (indices = sample ids).
+    alpha: float32 scalar, weight of the self-distillation target.
+  Returns:
+    ``(variables, opt_state, next_table, loss)``.
   """
+  optimizer = opt_config.build()
 
-  def loss_fn(params, batch_stats, masks, images, targets):
+  def loss_fn(params, batch_stats, targets):
     logits, updates = model.apply(
         {'params': unstructured.apply_weight_masks(params, masks), 'batch_stats': batch_stats},
         images, train=True, mutable=['batch_stats'])
     loss = losses.soft_target_cross_entropy(logits, targets)
     return loss, (updates['batch_stats'], jax.nn.softmax(logits, axis=-1))
 
-  def step(variables, opt_state, masks, prev_table, next_table, images, labels, indices, alpha):
-    onehot = jax.nn.one_hot(labels, prev_table.shape[-1], dtype=jnp.float32)
-    targets = (1.0 - alpha) * onehot + alpha * prev_table[indices]
-    (loss, (batch_stats, probs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        variables['params'], variables['batch_stats'], masks, images, targets)
-    updates, opt_state = optimizer.update(grads, opt_state, variables['params'])
-    params = unstructured.apply_weight_masks(
-        optax.apply_updates(variables['params'], updates), masks)
-    next_table = next_table.at[indices].set(jax.lax.stop_gradient(probs))
-    return {'params': params, 'batch_stats': batch_stats}, opt_state, next_table, loss
-
-  return jax.jit(step)
+  onehot = jax.nn.one_hot(labels, prev_table.shape[-1], dtype=jnp.float32)
+  targets = (1.0 - alpha) * onehot + alpha * prev_table[indices]
+  (loss, (batch_stats, probs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      variables['params'], variables['batch_stats'], targets)
+  updates, opt_state = optimizer.update(grads, opt_state, variables['params'])
+  params = unstructured.apply_weight_masks(
+      optax.apply_updates(variables['params'], updates), masks)
+  next_table = next_table.at[indices].set(jax.lax.stop_gradient(probs))
+  return {'params': params, 'batch_stats': batch_stats}, opt_state, next_table, loss
 
 
 def train_masked(model: nn.Module, variables: Variables, masks: Any, train_set: Dataset, *,
@@ -107,13 +128,14 @@ def train_masked(model: nn.Module, variables: Variables, masks: Any, train_set: 
   total_steps = max(1, int(round(epochs * steps_per_epoch)))
   if warmup_steps is None:
     warmup_steps = min(100, total_steps // 10)
-  optimizer = train_lib.sgd_cosine(learning_rate, total_steps, weight_decay,
-                                   warmup_steps=warmup_steps)
+  opt_config = OptimizerConfig(float(learning_rate), total_steps, float(weight_decay),
+                               int(warmup_steps))
+  optimizer = opt_config.build()
   params = unstructured.apply_weight_masks(variables['params'], masks)
   variables = parallel.replicate({'params': params, 'batch_stats': variables['batch_stats']}, mesh)
   masks = parallel.replicate(masks, mesh)
   opt_state = parallel.replicate(optimizer.init(variables['params']), mesh)
-  step_fn = make_masked_train_step(model, optimizer)
+  step_fn = functools.partial(masked_train_step, model, opt_config)
   num_classes = train_set.num_classes
   onehot = np.eye(num_classes, dtype=np.float32)[train_set.labels]
   prev_table = parallel.replicate(jnp.asarray(onehot), mesh)

@@ -92,12 +92,22 @@ def magnitude_scores(params: Params) -> Params:
   return jax.tree.map(jnp.abs, params)
 
 
+@jax.jit
 def random_scores(params: Params, key: jax.Array) -> Params:
   """Uniform [0, 1) scores, independent per weight (random pruning baseline)."""
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [jax.random.uniform(k, jnp.shape(leaf))
-                                      for k, leaf in zip(keys, leaves)])
+  sizes = [int(np.size(leaf)) for leaf in leaves]
+  # One draw for the whole tree: a threefry call per leaf takes far longer to compile on CPU.
+  flat = jax.random.uniform(key, (sum(sizes),))
+  pieces = jnp.split(flat, np.cumsum(sizes)[:-1].tolist()) if len(sizes) > 1 else [flat]
+  return jax.tree.unflatten(treedef, [p.reshape(jnp.shape(leaf))
+                                      for p, leaf in zip(pieces, leaves)])
+
+
+# ``loss_fn`` is a static argument: one compilation per (loss_fn, shapes), reused across calls
+# (and across runs of a sweep) whenever the same or an equal hashable loss_fn is passed again.
+_grad = jax.jit(lambda loss_fn, params, batch: jax.grad(loss_fn)(params, batch),
+                static_argnums=0)
 
 
 def gradient_saliency(loss_fn: Callable[[Params, Any], jax.Array], params: Params,
@@ -107,7 +117,8 @@ def gradient_saliency(loss_fn: Callable[[Params, Any], jax.Array], params: Param
   Args:
     loss_fn: ``(params, batch) -> scalar`` loss, differentiable in ``params``. SNIP uses the
       cross-entropy of the model at initialisation; EPSD plugs in a self-distillation objective.
-      It is jit-compiled once (batches must share one shape).
+      Must be hashable (a function, or e.g. a frozen dataclass with ``__call__``); its gradient
+      is jit-compiled once per loss_fn and batch shape (give every batch the same shape).
     params: the parameter tree to score (e.g. at initialisation).
     batches: one or more batches (any pytree ``loss_fn`` accepts).
   Returns:
@@ -115,10 +126,9 @@ def gradient_saliency(loss_fn: Callable[[Params, Any], jax.Array], params: Param
     first (design choice: the saliency of the loss over the union of the batches, as SNIP with
     one large batch), float32.
   """
-  grad_fn = jax.jit(jax.grad(loss_fn))
   total, count = None, 0
   for batch in batches:
-    grads = grad_fn(params, batch)
+    grads = _grad(loss_fn, params, batch)
     total = grads if total is None else jax.tree.map(jnp.add, total, grads)
     count += 1
   if count == 0:

@@ -1,0 +1,137 @@
+"""--mode=latency_table: build/update the per-device latency table for a model and validate it.
+
+Measures only the table entries (and calibration architectures) not cached yet, saves the table
+(``--latency_cache_dir``/latency/<device>_<platform>_jax<version>_<hash>.json, or
+``--latency_table``), fits the calibration, then measures ``--latency_validate`` random pruned
+architectures afresh and prints predicted vs measured latency (MAPE, Spearman).
+
+Other modes get a ready predictor from the same flags with :func:`predictor_from_flags`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional, Sequence
+
+from absl import flags
+
+from launch import common
+from ttmpd_jax import checkpoint
+from ttmpd_jax.errors import UserError
+from ttmpd_jax.latency import LatencyPredictor, LatencyTable, random_architectures, validate
+from ttmpd_jax.models import ModelSpec
+
+FLAGS = flags.FLAGS
+MODES = ('latency_table',)
+
+flags.DEFINE_integer('latency_batch', 256, 'Batch size at which latency is measured/predicted.')
+flags.DEFINE_enum('latency_dtype', 'float32', ['float32', 'bfloat16', 'float16'],
+                  'Compute dtype for latency measurements.')
+flags.DEFINE_integer('latency_round_to', 8, 'Channel step of the latency table grid (use the '
+                     'pruning round-to multiple).')
+flags.DEFINE_integer('latency_max_grid_points', 16, 'At most about this many channel counts '
+                     'per layer dimension (wider layers get a coarser step).')
+flags.DEFINE_integer('latency_repeats', 7, 'Timed calls per table entry (median reported).')
+flags.DEFINE_integer('latency_warmup', 1, 'Untimed calls per table entry after compiling.')
+flags.DEFINE_integer('latency_model_repeats', 10, 'Timed calls per end-to-end model measurement.')
+flags.DEFINE_string('latency_cache_dir', os.environ.get('TTMPD_CACHE_DIR', '~/.cache/ttmpd_jax'),
+                    'Cache folder; the table lives in <dir>/latency/ (one file per device kind, '
+                    'platform and JAX version).')
+flags.DEFINE_string('latency_table', None, 'Explicit latency table file (overrides '
+                    '--latency_cache_dir). Refused if measured on another device/JAX version.')
+flags.DEFINE_enum('latency_on_corrupt', 'rebuild', ['rebuild', 'error'],
+                  'What to do with a corrupted table file: move it aside and rebuild, or stop.')
+flags.DEFINE_enum('latency_fit', 'affine', ['affine', 'offset'],
+                  'Calibration: measured ~ scale * sum(units) + offset (affine) or sum + offset.')
+flags.DEFINE_integer('latency_validate', 10, 'Random pruned architectures to validate the '
+                     'predictor on (measured afresh; 0 to skip).')
+
+for _name in ('latency_batch', 'latency_round_to', 'latency_repeats', 'latency_model_repeats',
+              'latency_max_grid_points'):
+  flags.register_validator(_name, lambda v: v is None or v > 0, f'--{_name} must be positive')
+flags.register_validator('latency_warmup', lambda v: v >= 0, '--latency_warmup must be >= 0')
+flags.register_validator('latency_validate', lambda v: v >= 0, '--latency_validate must be >= 0')
+
+
+def model_for_latency(ctx: common.Context) -> tuple[ModelSpec, tuple[int, ...]]:
+  """The (possibly pruned) model spec and image shape the flags describe; needs no weights."""
+  if FLAGS.checkpoint:
+    path = os.path.abspath(FLAGS.checkpoint)
+    if not checkpoint.exists(path):
+      raise UserError(f'--checkpoint={path} does not exist')
+    meta = checkpoint.load_meta(path)
+    return meta.spec, tuple(meta.image_shape)
+  test_set = ctx.clean_test_set()
+  return ctx.requested_spec(test_set.num_classes), tuple(test_set.image_shape)
+
+
+def open_table(log=common.log) -> LatencyTable:
+  return LatencyTable.open(path=FLAGS.latency_table, cache_dir=FLAGS.latency_cache_dir,
+                           on_corrupt=FLAGS.latency_on_corrupt, log=log)
+
+
+def predictor_from_flags(spec: ModelSpec, image_shape: Sequence[int],
+                         table: Optional[LatencyTable] = None, calibrate: bool = True,
+                         log=common.log) -> LatencyPredictor:
+  """A calibrated predictor for ``spec`` (builds missing table entries, saves the table)."""
+  table = table if table is not None else open_table(log)
+  predictor = LatencyPredictor.build(
+      spec, image_shape, FLAGS.latency_batch, table, round_to=FLAGS.latency_round_to,
+      dtype=FLAGS.latency_dtype, max_grid_points=FLAGS.latency_max_grid_points,
+      repeats=FLAGS.latency_repeats, warmup=FLAGS.latency_warmup)
+  if calibrate:
+    predictor.calibrate(fit=FLAGS.latency_fit, repeats=FLAGS.latency_model_repeats)
+  table.save()
+  return predictor
+
+
+def run(ctx: common.Context, mode: str) -> None:
+  del mode
+  spec, image_shape = model_for_latency(ctx)
+  table = open_table()
+  common.log(f'latency table {table.path}: {len(table)} entries cached '
+             f'({", ".join(f"{k}={v}" for k, v in table.key.items())})')
+  common.log(f'model {spec.name} {dict(spec.kwargs)} on [{FLAGS.latency_batch}, '
+             f'{", ".join(map(str, image_shape))}] {FLAGS.latency_dtype}, '
+             f'round_to={FLAGS.latency_round_to}')
+  start = time.perf_counter()
+  predictor = predictor_from_flags(spec, image_shape, table, calibrate=False)
+  table_s = time.perf_counter() - start
+  start = time.perf_counter()
+  calibration = predictor.calibrate(fit=FLAGS.latency_fit, repeats=FLAGS.latency_model_repeats)
+  table.save()
+  calibration_s = time.perf_counter() - start
+  common.log(f'table: {table.measured} new entries measured in {table_s:.1f} s '
+             f'({len(table)} in the file); calibration: {table.measured_end_to_end} new '
+             f'end-to-end measurements in {calibration_s:.1f} s')
+  common.log(f'calibration ({calibration.fit}): measured ~ {calibration.scale:.3f} * sum(units) '
+             f'+ {calibration.offset_ms:.2f} ms  (max error on calibration points '
+             f'{100 * calibration.max_relative_error:.1f}%)')
+  full_ms = predictor.predict()
+  common.log(f'predicted latency of the full model: {full_ms:.2f} ms')
+
+  report: dict[str, Any] = {
+      'mode': 'latency_table', 'table': table.path, 'key': table.key, 'spec': spec.to_json(),
+      'image_shape': list(image_shape), 'batch': FLAGS.latency_batch,
+      'dtype': FLAGS.latency_dtype, 'round_to': FLAGS.latency_round_to,
+      'entries': len(table), 'measured_entries': table.measured, 'table_seconds': table_s,
+      'calibration': {'fit': calibration.fit, 'scale': calibration.scale,
+                      'offset_ms': calibration.offset_ms,
+                      'points': [list(p) for p in calibration.points]},
+      'full_model_predicted_ms': full_ms, 'flags': common.flag_values_for_report()}
+  if FLAGS.latency_validate:
+    archs = random_architectures(predictor.structure, FLAGS.latency_validate,
+                                 FLAGS.latency_round_to, seed=ctx.seed + 1)
+    common.log(f'validating on {len(archs)} random pruned architectures (measured afresh)...')
+    result = validate(predictor, archs, repeats=FLAGS.latency_model_repeats)
+    rows = [[i, f'{p:.2f}', f'{m:.2f}', f'{100 * (p - m) / m:+.1f}%']
+            for i, (p, m) in enumerate(zip(result.predicted_ms, result.measured_ms))]
+    print()
+    print(common.format_table(['arch', 'predicted ms', 'measured ms', 'error'], rows))
+    print()
+    common.log(f'validation: {result.summary()}')
+    report['validation'] = {'mape_percent': result.mape, 'spearman': result.spearman,
+                            'predicted_ms': list(result.predicted_ms),
+                            'measured_ms': list(result.measured_ms), 'widths': archs}
+  ctx.write_report(report, 'latency_table_report.json')

@@ -1,0 +1,62 @@
+"""Report helpers: the accuracy–latency trade-off plot and the benchmark table."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+MARKERS = {'ttmpd': ('*', 'tab:red'), 'netadapt': ('s', 'tab:blue'),
+           'eagleeye': ('^', 'tab:green'), 'halp': ('D', 'tab:purple'),
+           'uniform': ('v', 'tab:gray'), 'teacher': ('o', 'black'),
+           'teacher_bn': ('P', 'tab:orange')}
+
+
+def plot_tradeoff(runs: Sequence[Mapping[str, Any]], path: str,
+                  title: Optional[str] = None) -> str:
+  """Accuracy vs measured latency, one marker per method (and KD mode), one panel per dataset.
+
+  TT-MPD's iteration trajectory (predicted latency, accuracy after each short-term fine-tuning
+  on a test subset) is drawn as a line when the runs carry it. Written atomically (PNG).
+  """
+  import os
+  import tempfile
+
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  datasets = sorted({r['dataset'] for r in runs})
+  fig, axes = plt.subplots(1, len(datasets), figsize=(6.2 * len(datasets), 4.6), squeeze=False)
+  for ax, dataset in zip(axes[0], datasets):
+    for run in (r for r in runs if r['dataset'] == dataset):
+      marker, color = MARKERS.get(run['method'], ('x', 'tab:brown'))
+      label = run['method'] if run['method'].startswith('teacher') else \
+          f'{run["method"]} ({run["kd"]} KD)'
+      face = color if run.get('kd', 'cached') == 'cached' else 'none'
+      ax.scatter(run['latency_ms_measured'], 100 * run['accuracy'], marker=marker, s=110,
+                 facecolors=face, edgecolors=color, label=label, zorder=3)
+      traj = [p for p in run.get('trajectory') or [] if p.get('accuracy_short_term') is not None]
+      if run['method'] == 'ttmpd' and len(traj) > 1:
+        scale = run['latency_ms_teacher_measured']
+        ax.plot([p['latency_ratio_predicted'] * scale for p in traj],
+                [100 * p['accuracy_short_term'] for p in traj], '--', color=color, alpha=0.6,
+                marker='.', label=f'ttmpd trajectory ({run["kd"]}; predicted latency, '
+                'short-term FT)')
+    target = next((r['latency_target'] * r['latency_ms_teacher_measured'] for r in runs
+                   if r['dataset'] == dataset and r['latency_target'] < 1), None)
+    if target:
+      ax.axvline(target, color='gray', lw=0.8, ls=':', label='latency target')
+    ax.set_xlabel('measured latency (ms per batch)')
+    ax.set_ylabel('accuracy on the shifted test set (%)')
+    ax.set_title(dataset)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='lower right')
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix='.png')
+  os.close(fd)
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,95 @@
+"""One-shot baselines: HALP-style global saliency + knapsack, and uniform keep ratio.
+
+Both pick a whole architecture at once against the same latency table and target, then the
+harness fine-tunes it (long-term KD) with the same budget as everyone else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ttmpd_jax.pruning.graph import ChannelGroup
+from ttmpd_jax.pruning.masks import masks_from_scores, round_keep
+from ttmpd_jax.search.candidates import keep_counts, width_keys
+
+
+def _widths_for(counts: Mapping[str, int], groups: Sequence[ChannelGroup],
+                base: Mapping[str, int]) -> dict[str, int]:
+  widths = dict(base)
+  for g in groups:
+    if g.name in counts:
+      for key in width_keys(g):
+        widths[key] = counts[g.name]
+  return widths
+
+
+def _prunable(groups: Sequence[ChannelGroup]) -> list[ChannelGroup]:
+  return [g for g in groups if g.prunable and width_keys(g)]
+
+
+def uniform_counts(groups: Sequence[ChannelGroup], base_widths: Mapping[str, int],
+                   predict_ms: Callable[[Mapping[str, int]], float], target_ms: float,
+                   round_to: int) -> tuple[dict[str, int], float, bool]:
+  """The largest common keep ratio (step 0.005) whose predicted latency meets ``target_ms``.
+
+  Returns ``(kept count per group, keep ratio, reached)``; when even the smallest ratio misses
+  the target, the smallest is returned with ``reached=False``.
+  """
+  prunable = _prunable(groups)
+  counts: dict[str, int] = {}
+  for ratio in np.arange(1.0, 0.0, -0.005):
+    counts = {g.name: round_keep(ratio * g.size, g.size, round_to) for g in prunable}
+    if predict_ms(_widths_for(counts, groups, base_widths)) <= target_ms:
+      return counts, float(ratio), True
+  return counts, 0.005, False
+
+
+def knapsack_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
+                    base_widths: Mapping[str, int],
+                    predict_ms: Callable[[Mapping[str, int]], float], target_ms: float,
+                    round_to: int) -> tuple[dict[str, int], bool]:
+  """HALP-style latency-constrained selection of how many channels each group keeps.
+
+  Design choice: HALP solves an augmented knapsack (maximise total kept importance subject to
+  the latency budget). We solve it greedily: starting from the full network, repeatedly drop
+  the step of ``round_to`` lowest-importance channels (of any group) that loses the least
+  importance per millisecond saved, until the predicted latency meets ``target_ms``. Scores are
+  normalised per network (divided by their global sum) so groups compare.
+  """
+  prunable = _prunable(groups)
+  total = sum(float(np.sum(scores[g.name])) for g in prunable) or 1.0
+  sorted_scores = {g.name: np.sort(np.asarray(scores[g.name], float)) / total for g in prunable}
+  counts = {g.name: g.size for g in prunable}
+  current = predict_ms(_widths_for(counts, groups, base_widths))
+  while current > target_ms:
+    best, best_ratio, best_ms = None, np.inf, current
+    for g in prunable:
+      smaller = keep_counts(counts[g.name], round_to)
+      if not smaller:
+        continue
+      keep = smaller[0]
+      trial = dict(counts)
+      trial[g.name] = keep
+      ms = predict_ms(_widths_for(trial, groups, base_widths))
+      saving = current - ms
+      if saving <= 0:
+        continue
+      # Importance of the channels this step removes: the lowest of those still kept
+      # (ascending order; the first ``size - counts`` are already gone).
+      lost = float(np.sum(sorted_scores[g.name][g.size - counts[g.name]:g.size - keep]))
+      ratio = lost / saving
+      if ratio < best_ratio:
+        best, best_ratio, best_ms = (g.name, keep), ratio, ms
+    if best is None:
+      return counts, False
+    counts[best[0]] = best[1]
+    current = best_ms
+  return counts, True
+
+
+def masks_for_counts(scores: Mapping[str, np.ndarray], groups: Sequence[ChannelGroup],
+                     counts: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """Keeps the ``counts[g]`` highest-scoring channels of each group."""
+  return masks_from_scores({n: scores[n] for n in counts}, groups, dict(counts))
