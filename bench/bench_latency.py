@@ -30,7 +30,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 
 from ttmpd_jax.latency import (CompilationCounter, LatencyPredictor, LatencyTable,  # noqa: E402
                                Validation, random_architectures, validate)
@@ -62,11 +61,15 @@ def main() -> None:
   parser.add_argument('--round_to', type=int, default=8, help='table grid step')
   parser.add_argument('--arch_round_to', type=int, default=4,
                       help='channel multiple of the random architectures (< round_to puts '
-                      'some widths between grid points)')
+                      'some widths between grid points; never fewer than round_to channels, '
+                      'as pruning rounds to round_to)')
   parser.add_argument('--repeats', type=int, default=10, help='timed calls per model')
   parser.add_argument('--cache_dir', default=None, help='default: a fresh temporary folder')
   parser.add_argument('--fit', default='affine', choices=['affine', 'offset'])
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--recalibrate', action=argparse.BooleanOptionalAction, default=True,
+                      help='re-measure the calibration architectures interleaved with the '
+                      'validation ones (same background load) and re-fit before predicting')
   args = parser.parse_args()
 
   start_all = time.perf_counter()
@@ -105,11 +108,15 @@ def main() -> None:
             f'({time.perf_counter() - t0:.2f} s)  (goal: 0 and 0)')
 
     archs = random_architectures(predictor.structure, args.archs, args.arch_round_to,
-                                 seed=args.seed + 1000 * index)
+                                 seed=args.seed + 1000 * index, min_channels=args.round_to)
     t0 = time.perf_counter()
-    result = validate(predictor, archs, repeats=args.repeats)
+    result = validate(predictor, archs, repeats=args.repeats, recalibrate=args.recalibrate,
+                      fit=args.fit)
     results[name] = result
-    print(f'validation ({time.perf_counter() - t0:.1f} s):')
+    c = predictor.calibration
+    print(f'validation ({time.perf_counter() - t0:.1f} s'
+          + (f'; calibration re-measured alongside: {c.scale:.3f} * sum + {c.offset_ms:.2f} ms'
+             if args.recalibrate else '') + '):')
     print('  arch  predicted_ms  measured_ms   error')
     for i, (p, m) in enumerate(zip(result.predicted_ms, result.measured_ms)):
       print(f'  {i:4d}  {p:12.2f}  {m:11.2f}  {100 * (p - m) / m:+6.1f}%')
@@ -123,7 +130,8 @@ def main() -> None:
           predictor.predict(widths)
           n += 1
       predict_us = (time.perf_counter() - t0) / n * 1e6
-    fresh = random_architectures(predictor.structure, 50, args.arch_round_to, seed=99)
+    fresh = random_architectures(predictor.structure, 50, args.arch_round_to, seed=99,
+                                 min_channels=args.round_to)
     t0 = time.perf_counter()
     for widths in fresh:
       predictor.predict(widths)

@@ -51,6 +51,13 @@ flags.DEFINE_float('learning_rate', 0.1, 'Peak SGD learning rate for source pret
 flags.DEFINE_float('weight_decay', 5e-4, 'Weight decay for source pretraining.')
 flags.DEFINE_integer('train_limit', None, 'Use only N training examples (quick experiments).')
 flags.DEFINE_integer('eval_batch_size', 500, 'Batch size for evaluation.')
+# Multi-host.
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host '
+                  'GPU/TPU jobs; see BUILD.md).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (clusters JAX cannot '
+                    'auto-detect).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-host job.')
+flags.DEFINE_integer('process_id', None, 'This process\'s index in a multi-host job.')
 
 
 def _check_severities(values) -> bool:
@@ -152,6 +159,10 @@ class Context:
   """What every mode needs, built from the shared flags."""
 
   def __init__(self):
+    from ttmpd_jax.distill import distributed
+    self.hosts = distributed.initialize(
+        FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     self.output_dir = ensure_writable_dir(FLAGS.output_dir)
     self.seed = FLAGS.seed
     self.start_time = time.time()

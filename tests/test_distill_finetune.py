@@ -245,6 +245,7 @@ def test_kd_from_cache_recovers_masked_student_on_shifted_data(tiny_teacher, shi
   assert summary['final_agreement'] > 0.6
 
 
+@pytest.mark.slow
 @requires_fashion_mnist
 def test_kd_with_pruning_package_masks(tiny_teacher, shifted):
   """Same with the pruning package: 50% of every prunable group by L2 norm (residual groups too),

@@ -225,8 +225,11 @@ def test_fit_calibration():
   assert cal.fit == 'affine' and cal.scale == pytest.approx(1.2) and cal.offset_ms == pytest.approx(3)
   cal = fit_calibration(sums, [s + 5.0 for s in sums], fit='offset')
   assert (cal.scale, cal.offset_ms) == (1.0, pytest.approx(5.0))
-  cal = fit_calibration(sums, [10 * s for s in sums], log=lambda s: None)  # Implausible scale.
-  assert cal.fit == 'offset'
+  cal = fit_calibration(sums, [0.8 * s - 1.0 for s in sums])  # Negative offset: scale only.
+  assert cal.fit == 'scale' and cal.offset_ms == 0.0 and 0.7 < cal.scale < 0.8
+  messages = []
+  cal = fit_calibration(sums, [10 * s for s in sums], log=messages.append)  # Implausible scale.
+  assert cal.fit == 'scale' and cal.scale == pytest.approx(10.0) and 'far from 1' in messages[0]
 
 
 def test_predictor_build_predict_calibrate_incrementally(tmp_path):

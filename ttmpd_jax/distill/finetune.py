@@ -7,7 +7,7 @@ Two jitted steps share one update rule:
   TT-MPD removes).
 
 A *masked* student keeps the teacher's shapes; the optional ``transform(variables, aux)`` (e.g.
-``lambda v, masks: pruning.apply_masks(v, groups, masks)``) is applied to the variables before
+``lambda v, masks: pruning.apply_masks(v, masks, groups)``) is applied to the variables before
 every forward pass and again after every update, so pruned channels stay exactly zero. ``aux`` (the
 masks) is a jit *argument*, not a closure constant: evaluating another mask of the same shapes
 reuses the compiled step. A *physically pruned* student simply passes ``transform=None``.

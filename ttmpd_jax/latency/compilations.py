@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Optional
 
 from jax import monitoring
 

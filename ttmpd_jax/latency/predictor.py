@@ -5,12 +5,13 @@ the model's units (``latency.structure``) and ``(scale, offset)`` are fitted on 
 measurements of a few calibration architectures. ``offset`` stands for the non-prunable rest
 (input handling, residual adds beyond the fused elementwise op, pooling, dispatch).
 
-Design choice: by default we fit both ``scale`` and ``offset`` by least squares (3+ calibration
-architectures: the full model and uniform keep ratios 0.75 / 0.5 / 0.3); ``fit='offset'`` keeps
-``scale = 1`` (the issue's "sum + constant"). Isolated units are timed with their input hot in
-cache and without XLA's inter-op scheduling, so in-model units differ by a roughly constant
-factor on some hosts; the scale absorbs it. If the fitted scale is implausible (outside
-[0.5, 2]) we fall back to the offset-only fit and say so.
+Design choice: by default we fit both ``scale`` and ``offset`` by least squares in relative
+error over 4 calibration architectures (the full model and uniform keep ratios 0.75 / 0.5 /
+0.3), constrained to ``offset >= 0`` (see :func:`fit_calibration`); ``fit='offset'`` keeps
+``scale = 1`` (plain "sum + constant"). Isolated units are timed with their input hot in cache
+and without XLA's inter-op scheduling, and XLA:CPU fuses runs of convolutions into one library
+call (YNNPACK) differently inside the model, so in-model units differ from isolated ones by a
+roughly constant factor; the scale absorbs it.
 
 ``predict`` is pure Python/NumPy over memoised per-unit interpolations: no tracing, no
 compilation, typically 10-100 microseconds, so the search can call it for every candidate.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -53,10 +54,11 @@ def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float],
                     fit: str = 'affine', log: Callable[[str], None] = print) -> Calibration:
   """Least-squares fit of ``measured ~ scale * sum + offset`` in relative error.
 
-  Design choice: the fit is constrained to ``offset >= 0`` (the non-prunable rest costs time)
-  and ``0.5 <= scale <= 2`` (a sanity bound), so predictions stay positive for every width
-  spec: an affine fit violating them is replaced by a scale-only fit, then by an offset-only
-  one (``fit='offset'`` goes there directly).
+  Design choice: with ``fit='affine'`` the fit is constrained to ``offset >= 0`` (the
+  non-prunable rest costs time) and ``0.5 <= scale <= 2`` (a sanity bound), so predictions stay
+  positive for every width spec: an affine fit violating them is replaced by a scale-only fit
+  (``offset = 0``), with a warning if that scale is far from 1. ``fit='offset'`` fits
+  ``scale = 1`` and the mean difference as offset.
   """
   s = np.asarray(sums_ms, np.float64)
   m = np.asarray(measured_ms, np.float64)
@@ -71,11 +73,12 @@ def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float],
     scale, offset = np.linalg.lstsq(a, np.ones_like(m), rcond=None)[0]
     if 0.5 <= scale <= 2.0 and offset >= 0.0:
       return Calibration(float(scale), float(offset), 'affine', points)
+  if fit == 'affine':
     scale = float(np.sum(s / m) / np.sum((s / m) ** 2))  # offset = 0.
-    if 0.5 <= scale <= 2.0:
-      return Calibration(scale, 0.0, 'scale', points)
-    log(f'  latency calibration: fitted scale {scale:.3f} is implausible (noisy timings?); '
-        f'fitting an offset only')
+    if not 0.5 <= scale <= 2.0:
+      log(f'  latency calibration: measured / summed unit latency = {scale:.3f}, far from 1 '
+          f'(a busy machine, or a model whose layers XLA fuses unusually?)')
+    return Calibration(scale, 0.0, 'scale', points)
   offset = float(np.mean(m - s))
   return Calibration(1.0, offset, 'offset', points)
 
@@ -184,43 +187,48 @@ class LatencyPredictor:
     return out
 
   def measure_end_to_end(self, widths_list: Sequence[Widths], repeats: int = 10,
-                         warmup: int = 2, use_cache: bool = True, seed: int = 0
-                         ) -> list[float]:
+                         warmup: int = 2, use_cache: Union[bool, Sequence[bool]] = True,
+                         seed: int = 0, group: int = 8) -> list[float]:
     """Measured eval-mode latency (ms) of each architecture (same protocol as the table).
 
-    With ``use_cache`` results are read from / stored in ``table.end_to_end`` (so a second
-    build measures nothing); validation passes ``use_cache=False`` to measure afresh.
+    Args:
+      widths_list: architectures (width specs; missing keys: full width).
+      use_cache: per architecture (or for all): read from / store in ``table.end_to_end``, so
+        a second build measures nothing. Validation passes False to measure afresh.
+      group: architectures compiled and timed together (interleaved calls: fair under
+        background load); bounds memory.
     """
     if self.spec is None:
       raise UserError('LatencyPredictor.measure_end_to_end needs the model spec (use .build)')
     from ttmpd_jax.models import build_model  # pylint: disable=g-import-not-at-top
     input_shape = self.structure.input_shape
     dtype = self.structure.dtype
+    cached = ([bool(use_cache)] * len(widths_list) if isinstance(use_cache, bool)
+              else [bool(c) for c in use_cache])
     keys = [architecture_key(self.spec, self.structure.complete_widths(w), input_shape, dtype)
             for w in widths_list]
     results: dict[int, float] = {}
     todo = []
     for i, k in enumerate(keys):
-      if use_cache and k in self.table.end_to_end:
+      if cached[i] and k in self.table.end_to_end:
         results[i] = float(self.table.end_to_end[k]['ms'])
       else:
         todo.append(i)
-    # Measure in small interleaved groups: fair under background load, bounded memory.
-    for lo in range(0, len(todo), 4):
-      group = todo[lo:lo + 4]
+    for lo in range(0, len(todo), group):
+      part = todo[lo:lo + group]
       models = []
-      for i in group:
+      for i in part:
         spec = self.spec.with_widths(self.structure.complete_widths(widths_list[i]))
         model = build_model(spec)
         models.append((model, protocol.synthetic_variables(model, input_shape, seed)))
       timings = protocol.measure_models(models, input_shape, dtype, repeats, warmup)
-      for i, t in zip(group, timings):
+      for i, t in zip(part, timings):
         results[i] = t.median_ms
-        if use_cache:
+        if cached[i]:
           self.table.end_to_end[keys[i]] = {'ms': t.median_ms, 'iqr_ms': t.iqr_ms,
                                             'n': t.repeats}
           self.table.measured_end_to_end += 1
-    if use_cache and todo and self.table.path:
+    if any(cached[i] for i in todo) and self.table.path:
       self.table.save()
     return [results[i] for i in range(len(keys))]
 
@@ -266,15 +274,33 @@ class Validation:
 
 
 def validate(predictor: LatencyPredictor, widths_list: Sequence[Widths], repeats: int = 10,
-             warmup: int = 2) -> Validation:
-  """Measures each architecture afresh (no cache) and compares with ``predictor.predict``."""
-  measured = predictor.measure_end_to_end(widths_list, repeats, warmup, use_cache=False)
+             warmup: int = 2, recalibrate: bool = False, fit: str = 'affine',
+             group: int = 16) -> Validation:
+  """Measures each architecture afresh (no cache) and compares with ``predictor.predict``.
+
+  With ``recalibrate``, the calibration architectures are measured afresh too, *interleaved
+  with* the validation architectures (same background load for both), and the predictor is
+  re-fitted on them before predicting: the validation architectures themselves never enter
+  the fit. This is the experiment to run on a shared machine.
+  """
+  widths_list = list(widths_list)
+  if recalibrate:
+    calibration = predictor.calibration_architectures()
+    measured = predictor.measure_end_to_end(
+        calibration + widths_list, repeats, warmup, use_cache=False, group=group)
+    sums = [predictor.sum_units_ms(w) for w in calibration]
+    predictor.calibration = fit_calibration(sums, measured[:len(calibration)], fit,
+                                            predictor.table.log)
+    measured = measured[len(calibration):]
+  else:
+    measured = predictor.measure_end_to_end(widths_list, repeats, warmup, use_cache=False,
+                                            group=group)
   predicted = [predictor.predict(w) for w in widths_list]
   return Validation(tuple(predicted), tuple(measured))
 
 
 def random_architectures(structure: ModelStructure, n: int, round_to: int, seed: int = 0,
-                         min_keep: float = 0.25) -> list[dict[str, int]]:
+                         min_keep: float = 0.25, min_channels: int = 0) -> list[dict[str, int]]:
   """``n`` distinct random pruned architectures (see ``ModelStructure.random_widths``).
 
   Half prune every group independently; the other half prune only a random subset of groups
@@ -286,7 +312,7 @@ def random_architectures(structure: ModelStructure, n: int, round_to: int, seed:
   attempts = 0
   while len(out) < n and attempts < 50 * n:
     attempts += 1
-    widths = structure.random_widths(rng, round_to, min_keep)
+    widths = structure.random_widths(rng, round_to, min_keep, min_channels=min_channels)
     if len(out) % 2 and groups:
       full = structure.full_widths
       keep_groups = rng.random(len(groups)) < 0.5

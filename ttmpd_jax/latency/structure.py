@@ -329,16 +329,20 @@ class ModelStructure:
     return out
 
   def random_widths(self, rng: np.random.Generator, round_to: int, min_keep: float = 0.25,
-                    max_keep: float = 1.0) -> dict[str, int]:
+                    max_keep: float = 1.0, min_channels: int = 0) -> dict[str, int]:
     """A random valid architecture: each prunable group keeps a uniform random fraction.
 
-    Kept channel counts are multiples of ``round_to`` (at least ``round_to``, at most full).
+    Kept channel counts are multiples of ``round_to`` (at least ``max(round_to,
+    min_channels)``, at most full).
     """
     widths = dict(self.full_widths)
     for group in self.prunable_groups():
       full = self.full_widths[group[0]]
       keep = rng.uniform(min_keep, max_keep)
-      widths.update({p: round_channels(full * keep, full, round_to) for p in group})
+      count = round_channels(full * keep, full, round_to)
+      if count < min(min_channels, full):
+        count = min(full, -(-min_channels // round_to) * round_to)
+      widths.update({p: count for p in group})
     return widths
 
   def uniform_widths(self, keep: float, round_to: int) -> dict[str, int]:

@@ -165,9 +165,7 @@ def _segment(grid: np.ndarray, value: float) -> tuple[int, float]:
 
 
 def _outside_scale(grid: np.ndarray, value: float) -> float:
-  """Proportional scaling for values outside the grid (latency ~ channels); 1 inside."""
-  if value < grid[0]:
-    return value / grid[0]
+  """1 up to the largest grid value, proportional scaling (latency ~ channels) above it."""
   if value > grid[-1]:
     return value / grid[-1]
   return 1.0
@@ -178,9 +176,10 @@ def interpolate(c_in_grid: Sequence[int], c_out_grid: Sequence[int], values: np.
   """Bilinear interpolation of ``values[c_in_grid, c_out_grid]`` (ms) at ``(c_in, c_out)``.
 
   Exact at grid points; monotone wherever the entries are (bilinear weights are in [0, 1]).
-  Design choice: outside the grid (fewer channels than the smallest measured count, e.g. below
-  ``round_to``) the boundary value is scaled in proportion to the channel count, which keeps
-  predictions positive and monotone.
+  Design choice: below the smallest measured count (e.g. fewer than ``round_to`` channels) the
+  boundary value is kept: on CPUs tiny layers are overhead- and memory-bound, so assuming that
+  pruning below the grid saves nothing is the conservative choice ("pruned but not faster").
+  Above the largest count (wider than the measured model) latency is scaled in proportion.
   """
   xs = np.asarray(c_in_grid, np.float64)
   ys = np.asarray(c_out_grid, np.float64)

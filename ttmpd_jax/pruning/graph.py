@@ -273,6 +273,10 @@ class _Tracer:
     # A baked-in array keeps its size when the model shrinks: whatever it touches is fixed.
     return self.fresh(np.shape(value), 'fixed')
 
+  def _iota(self, eqn, ins, in_shapes, out_shapes, where):
+    # Its size is baked into the jaxpr, exactly like a constant array.
+    return [self.fresh(out_shapes[0], 'fixed')]
+
   def _unknown(self, ins, out_shapes, where):
     tracked = [a for atoms in ins for a in atoms if a is not None]
     if not tracked:

@@ -60,7 +60,7 @@ def validate_masks(masks: Masks, groups: Sequence[ChannelGroup]) -> None:
     if shape != (group.size,):
       raise MaskError(f'mask for channel group {name!r} has shape {shape}, expected '
                       f'({group.size},) (one boolean per channel)')
-    dtype = getattr(mask, 'dtype', np.asarray(mask).dtype)
+    dtype = mask.dtype if hasattr(mask, 'dtype') else np.asarray(mask).dtype
     if dtype != bool:
       raise MaskError(f'mask for channel group {name!r} has dtype {dtype}, expected bool')
     if _is_concrete(mask) and not bool(np.any(np.asarray(mask))):
