@@ -93,7 +93,7 @@ def test_objectives_are_hashable_and_equal_by_value(tiny):
     saliency.sd_objective(model, alpha=1.5)
 
 
-# ---- training --------------------------------------------------------------------------------------
+# ---- training ------------------------------------------------------------------------------------
 
 
 def test_pskd_alpha_schedule():
@@ -162,7 +162,7 @@ def test_sd_with_alpha_zero_equals_cross_entropy(tiny, fashion_train):
     np.testing.assert_array_equal(x, y)
 
 
-# ---- config and report ------------------------------------------------------------------------------
+# ---- config and report ---------------------------------------------------------------------------
 
 
 SPEC = ModelSpec('resnet8', 10, {'base_width': 4})
@@ -195,7 +195,7 @@ def test_summary_and_claims():
   assert experiment.ordering_claims(runs)[0]['epsd_ge_snip_sd_ge_snip'] is False
 
 
-# ---- end to end ------------------------------------------------------------------------------------
+# ---- end to end ----------------------------------------------------------------------------------
 
 
 @requires_fashion_mnist

@@ -18,25 +18,9 @@ from hypothesis import strategies as st
 
 from ttmpd_jax import pruning
 from ttmpd_jax.models import ModelSpec, build_model, widths_from_variables
+from ttmpd_jax.pruning.testing import random_variables
 
 ATOL = 1e-5
-
-
-def randomize(variables, seed: int):
-  """Non-trivial BN scale/bias/mean/var and biases, so an unmasked leak would show."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  out = []
-  for i, (kp, leaf) in enumerate(flat):
-    name = str(kp[-1].key)
-    key = jax.random.fold_in(jax.random.key(seed), i)
-    if name == 'var':
-      leaf = jax.random.uniform(key, leaf.shape, minval=0.5, maxval=1.5)
-    elif name in ('mean', 'bias'):
-      leaf = 0.2 * jax.random.normal(key, leaf.shape)
-    elif name == 'scale':
-      leaf = jax.random.uniform(key, leaf.shape, minval=0.5, maxval=1.2)
-    out.append(leaf)
-  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 class UserBlock(nn.Module):
@@ -72,15 +56,29 @@ class UserNet(nn.Module):
     return nn.Dense(5, name='head')(x)
 
 
-def _check_law(apply_masked, apply_removed, variables, groups, masks, x):
-  masked = pruning.apply_masks(variables, masks, groups)
+def _check_law(apply_fn, apply_removed, variables, groups, masks, x):
+  """Masked (one jitted function for any mask) vs physically pruned outputs."""
+  y_masked = _masked_forward(apply_fn, groups)(variables, masks, x)
   small = pruning.remove_channels(variables, groups, masks)
-  y_masked = apply_masked(masked, x)
   y_small = apply_removed(small, x)
   assert y_masked.shape == y_small.shape
   np.testing.assert_allclose(np.asarray(y_masked), np.asarray(y_small), rtol=0, atol=ATOL)
   assert float(jnp.abs(y_masked).max()) > 1e-3  # Non-trivial outputs.
   return small
+
+
+_MASKED = {}
+
+
+def _masked_forward(apply_fn, groups):
+  key = (apply_fn, groups)
+  if key not in _MASKED:
+    _MASKED[key] = jax.jit(lambda v, m, x: apply_fn(pruning.apply_masks(v, m, groups), x))
+  return _MASKED[key]
+
+
+def _zoo_removed(spec):
+  return lambda v, x: jax.jit(build_model(spec.with_widths_of(v)).apply)(v, x)
 
 
 ZOO = [
@@ -100,14 +98,12 @@ def test_zoo_masked_equals_removed(name, kwargs, image_shape, trials):
   spec = ModelSpec(name, 10, kwargs)
   model = build_model(spec)
   x = jax.random.normal(jax.random.key(1), (2, *image_shape))
-  variables = randomize(model.init(jax.random.key(0), x), seed=2)
+  variables = random_variables(model, x, seed=2)
   groups = pruning.discover_groups(model, variables, x)
   assert [g.name for g in groups if not g.prunable] == ['head']
   for trial in range(trials):
     masks = pruning.random_masks(trial, groups)
-    small = _check_law(lambda v, x: model.apply(v, x, train=False),
-                       lambda v, x: build_model(spec.with_widths_of(v)).apply(v, x, train=False),
-                       variables, groups, masks, x)
+    small = _check_law(model.apply, _zoo_removed(spec), variables, groups, masks, x)
     if trial == 0:
       small_model = build_model(spec.with_widths_of(small))
       assert pruning.shrink_groups(groups, masks) == pruning.discover_groups(small_model, small, x)
@@ -116,38 +112,35 @@ def test_zoo_masked_equals_removed(name, kwargs, image_shape, trials):
 def test_user_model_masked_equals_removed_and_run_pruned():
   model = UserNet()
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-  variables = randomize(model.init(jax.random.key(0), x), seed=3)
+  variables = random_variables(model, x, seed=3)
   groups = pruning.discover_groups(model, variables, x)
+  assert [g.name for g in groups] == ['stem', 'block1/a', 'block1/b', 'left', 'mix', 'fc1', 'head']
+  run_small = jax.jit(lambda v, x: pruning.run_pruned(model, v, x))
   for trial in range(6):
     masks = pruning.random_masks(100 + trial, groups)
-    small = _check_law(model.apply, lambda v, x: pruning.run_pruned(model, v, x),
-                       variables, groups, masks, x)
+    small = _check_law(model.apply, run_small, variables, groups, masks, x)
   assert pruning.shrink_groups(groups, masks) == pruning.discover_groups(
       lambda v, x: pruning.run_pruned(model, v, x), small, x)
 
 
 @settings(max_examples=8, deadline=None)
-@given(widths=st.lists(st.integers(1, 9), min_size=9, max_size=9),
-       seed=st.integers(0, 2**16))
+@given(widths=st.lists(st.integers(1, 9), min_size=9, max_size=9), seed=st.integers(0, 2**16))
 def test_law_over_random_widths_and_masks(widths, seed):
   """Property: any resnet8 widths (residual groups included), any masks."""
-  base = build_model(ModelSpec('resnet8', 3, {'base_width': 4}))
   x = jax.random.normal(jax.random.key(seed), (2, 8, 8, 2))
-  abstract = jax.eval_shape(base.init, jax.random.key(0), x)
-  names = sorted(k for k in widths_from_variables(abstract) if k != 'head')
+  names = sorted(k for k in widths_from_variables(jax.eval_shape(
+      build_model(ModelSpec('resnet8', 3)).init, jax.random.key(0), x)) if k != 'head')
   w = dict(zip(names, widths))
   # Residual adds need equal widths on both sides.
   w['stage1_block0/conv2'] = w['stem']
   for stage in (2, 3):
     w[f'stage{stage}_block0/conv2'] = w[f'stage{stage}_block0/shortcut']
-  spec = ModelSpec('resnet8', 3, {'base_width': 4}, w)
+  spec = ModelSpec('resnet8', 3, {}, w)
   model = build_model(spec)
-  variables = randomize(model.init(jax.random.key(0), x), seed=seed)
+  variables = random_variables(model, x, seed=seed)
   groups = pruning.discover_groups(model, variables, x)
   masks = pruning.random_masks(seed, groups)
-  _check_law(lambda v, x: model.apply(v, x),
-             lambda v, x: build_model(spec.with_widths_of(v)).apply(v, x),
-             variables, groups, masks, x)
+  _check_law(model.apply, _zoo_removed(spec), variables, groups, masks, x)
 
 
 def test_train_mode_outputs_and_batch_stats_match():
@@ -155,14 +148,14 @@ def test_train_mode_outputs_and_batch_stats_match():
   spec = ModelSpec('resnet8', 10, {'base_width': 8})
   model = build_model(spec)
   x = jax.random.normal(jax.random.key(4), (4, 12, 12, 1))
-  variables = randomize(model.init(jax.random.key(0), x), seed=5)
+  variables = random_variables(model, x, seed=5)
   groups = pruning.discover_groups(model, variables, x)
   masks = pruning.random_masks(7, groups)
-  y1, upd1 = model.apply(pruning.apply_masks(variables, masks, groups), x, train=True,
-                         mutable=['batch_stats'])
+  train_apply = lambda m, v: m.apply(v, x, train=True, mutable=['batch_stats'])
+  y1, upd1 = jax.jit(lambda v: train_apply(model, pruning.apply_masks(v, masks, groups)))(
+      variables)
   small = pruning.remove_channels(variables, groups, masks)
-  y2, upd2 = build_model(spec.with_widths_of(small)).apply(small, x, train=True,
-                                                           mutable=['batch_stats'])
+  y2, upd2 = jax.jit(lambda v: train_apply(build_model(spec.with_widths_of(small)), v))(small)
   np.testing.assert_allclose(y1, y2, rtol=0, atol=ATOL)
   # The kept channels' new running statistics match those of the pruned model.
   upd1_small = pruning.remove_channels({**variables, **upd1}, groups, masks)
@@ -172,8 +165,8 @@ def test_train_mode_outputs_and_batch_stats_match():
 
 def test_masks_all_true_is_identity():
   model = UserNet()
-  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-  variables = randomize(model.init(jax.random.key(0), x), seed=3)
+  x = jnp.zeros((2, 16, 16, 3))
+  variables = random_variables(model, x, seed=3)
   groups = pruning.discover_groups(model, variables, x)
   masked = pruning.apply_masks(variables, pruning.keep_all(groups), groups)
   same = pruning.remove_channels(variables, groups, pruning.keep_all(groups))
@@ -188,10 +181,8 @@ def test_zoo_law_heavy_sweep(name, kwargs, image_shape, trials):
   spec = ModelSpec(name, 10, kwargs)
   model = build_model(spec)
   x = jax.random.normal(jax.random.key(11), (4, *image_shape))
-  variables = randomize(model.init(jax.random.key(0), x), seed=12)
+  variables = random_variables(model, x, seed=12)
   groups = pruning.discover_groups(model, variables, x)
-  forward = jax.jit(lambda v, x: model.apply(v, x))
-  for trial in range(20):
+  for trial in range(10 * trials):
     masks = pruning.random_masks(1000 + trial, groups)
-    _check_law(forward, lambda v, x: build_model(spec.with_widths_of(v)).apply(v, x),
-               variables, groups, masks, x)
+    _check_law(model.apply, _zoo_removed(spec), variables, groups, masks, x)

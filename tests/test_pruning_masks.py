@@ -11,6 +11,7 @@ import pytest
 from ttmpd_jax import pruning
 from ttmpd_jax.errors import UserError
 from ttmpd_jax.models import ModelSpec, build_model
+from ttmpd_jax.pruning.testing import random_variables
 
 SPEC = ModelSpec('resnet8', 10, {'base_width': 4})
 
@@ -19,7 +20,7 @@ SPEC = ModelSpec('resnet8', 10, {'base_width': 4})
 def setup():
   model = build_model(SPEC)
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
-  variables = model.init(jax.random.key(0), x)
+  variables = random_variables(model, x)
   groups = pruning.discover_groups(model, variables, x)
   return model, variables, groups, x
 
@@ -92,14 +93,18 @@ def test_masked_training_keeps_pruned_channels_at_zero(setup):
     logits, upd = model.apply(v, x, train=True, mutable=['batch_stats'])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), upd
 
-  params, stats, opt_state = variables['params'], variables['batch_stats'], None
+  @jax.jit
+  def step(params, stats, opt_state):
+    (_, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), upd['batch_stats'], opt_state, grads
+
+  params, stats = variables['params'], variables['batch_stats']
   opt_state = tx.init(params)
   grads0 = None
   for _ in range(3):
-    (_, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+    params, stats, opt_state, grads = step(params, stats, opt_state)
     grads0 = grads0 or grads
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params, stats = optax.apply_updates(params, updates), upd['batch_stats']
   # Gradients at pruned positions are exactly zero, so raw pruned weights never move.
   zero = pruning.apply_masks({'params': jax.tree.map(jnp.ones_like, params)}, masks, groups)
   for g, keep, p_new, p_old in zip(jax.tree.leaves(grads0), jax.tree.leaves(zero['params']),

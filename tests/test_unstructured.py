@@ -1,4 +1,4 @@
-"""Unstructured masks: exact sparsity, tie-breaking, prunable leaves, saliency, masking under jit."""
+"""Unstructured masks: exact sparsity, ties, prunable leaves, saliency, masking under jit."""
 
 from __future__ import annotations
 

@@ -734,12 +734,12 @@ def validate(name: str, severity: int) -> None:
     hint = f' ({name}: {MISSING_STANDARD[name]})' if name in MISSING_STANDARD else ''
     raise ValueError(f'unknown corruption {name!r}{hint}; '
                      f'valid names: {", ".join(CORRUPTIONS)}')
-  if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) \
-          or not 1 <= severity <= 5:
+  is_int = isinstance(severity, (int, np.integer)) and not isinstance(severity, bool)
+  if not (is_int and 1 <= severity <= 5):
     raise ValueError(f'severity must be an integer in 1..5, got {severity!r}')
 
 
-def _check_images(shape: tuple[int, ...], dtype, name: str) -> None:
+def _check_images(shape: tuple[int, ...], dtype: np.dtype, name: str) -> None:
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f'images must be floats in [0, 1], got dtype {dtype}')
   if len(shape) != 4 or shape[-1] not in (1, 3):

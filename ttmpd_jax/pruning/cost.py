@@ -1,7 +1,8 @@
 """Cost counting for pruned architectures: MACs and parameters, measured or predicted.
 
 - :func:`count_cost` measures any (pruned) model: MACs per example and trainable parameters, the
-  convention of ``models.inspect.count_flops_and_params`` (conv and dense multiply-accumulates).
+  convention of ``models.inspect.count_flops_and_params`` (conv and dense multiply-accumulates),
+  for any model (no ``train`` argument needed) and for pruned variables of a user model.
 - :func:`cost_model` returns a :class:`CostModel` that predicts both as a function of the kept
   channel count of every group, without building or tracing anything: every parameter axis is
   ``fixed + sum_g multiplicity_g * keep_g`` (a flatten gives each channel ``h*w`` Dense rows),
@@ -12,15 +13,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ttmpd_jax.errors import UserError
-from ttmpd_jax.models.inspect import count_flops_and_params, layer_inventory
-from ttmpd_jax.pruning.graph import ChannelGroup, Path, key_path
+from ttmpd_jax.pruning.graph import ChannelGroup, Path, _default_apply_kwargs, key_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +32,51 @@ class Cost:
   params: int
 
 
-def count_cost(model: nn.Module, variables: Mapping[str, Any],
-               image_shape: tuple[int, ...]) -> Cost:
-  """Measured cost of ``model`` at ``image_shape`` ([H, W, C], no batch)."""
-  macs, params = count_flops_and_params(model, variables, image_shape)
+def kernel_positions(model: nn.Module, image_shape: tuple[int, ...], *,
+                     apply_kwargs: Optional[Mapping[str, Any]] = None) -> dict[Path, int]:
+  """Output positions per example of every ``nn.Conv``/``nn.Dense`` kernel, summed over calls.
+
+  A layer's MACs are ``positions * kernel.size`` (a depthwise kernel ``[kh, kw, 1, C]`` included),
+  and positions do not change when channels are pruned, so they are read once from an abstract
+  run of the unpruned model (no FLOPs, no variables needed).
+
+  Returns:
+    ``('params', *module_path, 'kernel')`` -> positions (``H_out * W_out`` for a conv, the
+    number of rows per example for a dense layer).
+  """
+  kwargs = dict(_default_apply_kwargs(model) if apply_kwargs is None else apply_kwargs)
+  positions: dict[Path, int] = {}
+
+  def record(next_fun, args, call_kwargs, context):
+    out = next_fun(*args, **call_kwargs)
+    module = context.module
+    if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
+      path = ('params', *module.path, 'kernel')
+      positions[path] = positions.get(path, 0) + int(np.prod(out.shape[1:-1], dtype=np.int64))
+    return out
+
+  def run():
+    with nn.intercept_methods(record):
+      return model.init(jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32), **kwargs)
+
+  jax.eval_shape(run)
+  return positions
+
+
+def count_cost(model: nn.Module, variables: Mapping[str, Any], image_shape: tuple[int, ...], *,
+               apply_kwargs: Optional[Mapping[str, Any]] = None) -> Cost:
+  """Measured cost of ``variables`` run by ``model`` at ``image_shape`` ([H, W, C], no batch).
+
+  ``model`` may be the original (unpruned) module of a user model whose variables were pruned
+  (see :func:`run_pruned`): positions come from its abstract run, kernel sizes from
+  ``variables``. For zoo models this equals ``models.inspect.count_flops_and_params``.
+  """
+  positions = kernel_positions(model, image_shape, apply_kwargs=apply_kwargs)
+  macs = params = 0
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(variables['params'])[0]:
+    size = int(np.size(leaf))
+    params += size
+    macs += positions.get(('params',) + key_path(kp), 0) * size
   return Cost(int(macs), int(params))
 
 
@@ -78,7 +120,8 @@ class CostModel:
 
 
 def cost_model(model: nn.Module, variables: Mapping[str, Any],
-               groups: Sequence[ChannelGroup], image_shape: tuple[int, ...]) -> CostModel:
+               groups: Sequence[ChannelGroup], image_shape: tuple[int, ...], *,
+               apply_kwargs: Optional[Mapping[str, Any]] = None) -> CostModel:
   """Builds a :class:`CostModel` for ``model`` at ``image_shape`` ([H, W, C]).
 
   ``cost_model(...)( {} )`` equals :func:`count_cost` of the unpruned model, and
@@ -109,10 +152,5 @@ def cost_model(model: nn.Module, variables: Mapping[str, Any],
   for path, shape in leaf_shapes.items():
     sizes[path] = tuple((n - in_groups.get((path, d), 0), tuple(terms.get((path, d), ())))
                         for d, n in enumerate(shape))
-  positions: dict[Path, int] = {}
-  for layer in layer_inventory(model, variables, (1, *image_shape)):
-    if layer.kind in ('conv', 'dense'):
-      path = ('params', *layer.path.split('/'), 'kernel')
-      per_example = int(np.prod(layer.output_shape[1:-1], dtype=np.int64))
-      positions[path] = positions.get(path, 0) + per_example
+  positions = kernel_positions(model, image_shape, apply_kwargs=apply_kwargs)
   return CostModel(sizes, positions, full)

@@ -214,8 +214,8 @@ def per_leaf_mask(scores: Params, sparsity: float,
     counts[np.argsort(exact - counts, kind='stable')[:-extra]] -= 1
   counts = np.clip(counts, 0, sizes)
   count_iter = iter(counts)
-  return _unflatten(treedef, flat, [None if a is None else _lowest_k(a.ravel(), int(next(count_iter)))
-                                    for a in arrays])
+  return _unflatten(treedef, flat, [None if a is None else
+                                    _lowest_k(a.ravel(), int(next(count_iter))) for a in arrays])
 
 
 def apply_weight_masks(params: Params, masks: Masks) -> Params:
