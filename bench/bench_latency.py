@@ -63,7 +63,8 @@ def main() -> None:
                       help='channel multiple of the random architectures (< round_to puts '
                       'some widths between grid points; never fewer than round_to channels, '
                       'as pruning rounds to round_to)')
-  parser.add_argument('--repeats', type=int, default=10, help='timed calls per model')
+  parser.add_argument('--repeats', type=int, default=20,
+                      help='timed calls per end-to-end model measurement')
   parser.add_argument('--cache_dir', default=None, help='default: a fresh temporary folder')
   parser.add_argument('--fit', default='affine', choices=['affine', 'offset'])
   parser.add_argument('--seed', type=int, default=0)

@@ -32,9 +32,9 @@ flags.DEFINE_integer('latency_round_to', 8, 'Channel step of the latency table g
                      'pruning round-to multiple).')
 flags.DEFINE_integer('latency_max_grid_points', 16, 'At most about this many channel counts '
                      'per layer dimension (wider layers get a coarser step).')
-flags.DEFINE_integer('latency_repeats', 7, 'Timed calls per table entry (median reported).')
+flags.DEFINE_integer('latency_repeats', 9, 'Timed calls per table entry (median reported).')
 flags.DEFINE_integer('latency_warmup', 1, 'Untimed calls per table entry after compiling.')
-flags.DEFINE_integer('latency_model_repeats', 10, 'Timed calls per end-to-end model measurement.')
+flags.DEFINE_integer('latency_model_repeats', 15, 'Timed calls per end-to-end model measurement.')
 flags.DEFINE_string('latency_cache_dir', os.environ.get('TTMPD_CACHE_DIR', '~/.cache/ttmpd_jax'),
                     'Cache folder; the table lives in <dir>/latency/ (one file per device kind, '
                     'platform and JAX version).')

@@ -50,6 +50,8 @@ flags.DEFINE_integer('kd_batch_size', 128, 'KD fine-tuning batch size.')
 flags.DEFINE_float('temperature', 1.0, 'KD temperature.')
 flags.DEFINE_float('hard_weight', 0.0, 'Weight of the hard pseudo-label cross-entropy term.')
 flags.DEFINE_enum('importance', 'l2', IMPORTANCE_CRITERIA, 'Channel importance within a group.')
+flags.DEFINE_bool('teacher_bn_adapt', True, 'Adapt the teacher\'s BatchNorm statistics to the '
+                  'shifted test set before labelling and pruning (test-time BN adaptation).')
 flags.DEFINE_bool('resume', True, 'Continue a killed run from its last finished iteration.')
 flags.DEFINE_list('source_eval_corruptions', [], 'Before pruning, print the source model\'s '
                   'accuracy on the clean test split and on these corruptions (at --severities).')
@@ -76,7 +78,8 @@ def search_config(kd: str) -> SearchConfig:
 
 def _run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -> str:
   data = json.dumps({'method': method, 'config': config.to_json(), 'dataset': dataset,
-                     'source': source_path}, sort_keys=True)
+                     'source': source_path, 'teacher_bn_adapt': FLAGS.teacher_bn_adapt},
+                    sort_keys=True)
   return hashlib.sha256(data.encode()).hexdigest()[:10]
 
 
@@ -131,7 +134,8 @@ def run(ctx: common.Context, mode: str) -> None:
   for name in names:
     dataset = ctx.dataset(name, 'test', FLAGS.test_limit)
     prepared = harness.prepare(source.spec, source.variables, dataset, configs[kd_modes[0]],
-                               latency_batch=FLAGS.latency_batch, log=common.log)
+                               latency_batch=FLAGS.latency_batch,
+                               teacher_bn_adapt=FLAGS.teacher_bn_adapt, log=common.log)
     for kd in kd_modes:
       for method in methods:
         if method.startswith('teacher') and kd != kd_modes[0]:

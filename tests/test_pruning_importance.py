@@ -64,7 +64,7 @@ def test_bn_scale_and_taylor(resnet8):
     logits = model.apply({'params': params, 'batch_stats': v['batch_stats']}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  grads = jax.grad(loss)(v['params'])
+  grads = jax.jit(jax.grad(loss))(v['params'])
   p = v['params']
   gamma = pruning.bn_scale(v, groups)
   np.testing.assert_allclose(gamma['stage2_block0/conv1'],
@@ -116,3 +116,14 @@ def test_scores_to_masks_prune_the_weakest_filters():
   groups = pruning.discover_groups(model, v, x)
   masks = pruning.masks_from_scores(pruning.l2_norm(v, groups), groups, keep=6)
   np.testing.assert_array_equal(np.flatnonzero(~masks['hidden']), [1, 6])
+
+
+def test_taylor_bn_falls_back_to_weights_without_a_norm_layer():
+  model = build_model(ModelSpec('vgg_small', 10))
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  v = random_variables(model, x)
+  groups = pruning.discover_groups(model, v, x)
+  grads = jax.jit(jax.grad(lambda p: model.apply({**v, 'params': p}, x).sum()))(v['params'])
+  bn, weight = pruning.taylor(v, grads, groups), pruning.taylor(v, grads, groups, on='weight')
+  np.testing.assert_array_equal(bn['fc1'], weight['fc1'])  # fc1 has no BatchNorm.
+  assert not np.array_equal(bn['conv4'], weight['conv4'])

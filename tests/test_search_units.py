@@ -81,6 +81,17 @@ def test_linear_accuracy_model_recovers_coefficients_and_ranks():
   assert np.isnan(spearman([1, 2], [2, 1]))
 
 
+def test_accuracy_model_never_rewards_kl():
+  # Noise makes KL look helpful on a few points; the fit must not follow it.
+  v1 = np.array([0.80, 0.82, 0.84, 0.86])
+  v2 = np.array([0.50, 0.30, 0.60, 0.40])
+  acc = np.array([0.80, 0.81, 0.84, 0.845])
+  model = LinearAccuracyModel().fit(v1, v2, acc)
+  assert model.coef[1] >= 0 and model.coef[2] <= 0
+  # A candidate with poor agreement and a huge KL is never predicted to beat a good one.
+  assert model.predict(0.3, 3.0) < model.predict(0.85, 0.4)
+
+
 def test_agreement_and_kl():
   teacher = np.array([[2.0, 0.0], [0.0, 2.0]], np.float32)
   v1, v2 = agreement_and_kl(teacher, teacher)

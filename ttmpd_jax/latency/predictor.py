@@ -137,7 +137,7 @@ class LatencyPredictor:
   @classmethod
   def build(cls, spec: Any, image_shape: Sequence[int], batch: int, table: LatencyTable,
             round_to: int = 8, dtype: str = 'float32', max_grid_points: Optional[int] = 16,
-            repeats: int = 7, warmup: int = 1) -> 'LatencyPredictor':
+            repeats: int = 9, warmup: int = 1) -> 'LatencyPredictor':
     """Predictor for the zoo model ``spec``: measures the table entries it lacks (incremental)."""
     structure = ModelStructure.from_spec(spec, image_shape, batch, dtype)
     table.ensure(cls.requests(structure, round_to, max_grid_points), repeats=repeats,

@@ -360,7 +360,7 @@ class LatencyTable:
         out.append((config, int(c_in), int(c_out)))
     return out
 
-  def ensure(self, requests: Iterable[Request], repeats: int = 7, warmup: int = 1,
+  def ensure(self, requests: Iterable[Request], repeats: int = 9, warmup: int = 1,
              max_calls: int = 256, max_bytes: int = 768 << 20, seed: int = 0,
              save: bool = True) -> int:
     """Measures the requested entries that are not in the table yet; returns how many.

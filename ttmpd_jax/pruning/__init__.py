@@ -21,6 +21,7 @@ from ttmpd_jax.pruning.importance import (CRITERIA, bn_scale, l1_norm, l2_norm, 
 from ttmpd_jax.pruning.masks import (MaskError, apply_masks, keep_all, kept_counts,
                                      masks_from_scores, masks_remove_lowest, random_masks,
                                      round_keep, validate_masks)
+from ttmpd_jax.pruning import unstructured
 from ttmpd_jax.pruning.run import run_pruned
 from ttmpd_jax.pruning.surgery import remove_channels, remove_channels_from_state, shrink_groups
 
@@ -30,5 +31,5 @@ __all__ = [
     'masks_remove_lowest', 'random_masks', 'round_keep', 'validate_masks', 'remove_channels',
     'remove_channels_from_state', 'shrink_groups', 'run_pruned', 'l1_norm', 'l2_norm', 'bn_scale',
     'taylor', 'random_scores', 'per_channel', 'CRITERIA', 'Cost', 'CostModel', 'cost_model',
-    'count_cost',
+    'count_cost', 'unstructured',
 ]

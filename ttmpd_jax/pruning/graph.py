@@ -18,16 +18,18 @@ What is followed (the channel axis may sit anywhere; layouts come from the primi
   producer).
 - element-wise ops with broadcasting (this is how BatchNorm scale/bias/mean/var and biases
   attach), ``broadcast_in_dim``, ``reshape`` (merging axes, e.g. ``[N,h,w,C] -> [N,h*w*C]``: Dense
-  row ``s*C + c`` belongs to channel ``c``), ``transpose``, ``squeeze``, ``concatenate`` (offset
-  remapping), ``split``, ``rev``, pooling (``reduce_window_*``) and reductions over non-channel
-  axes, and calls of sub-jaxprs (``jit``, ``custom_jvp_call`` for ReLU/GELU, ...).
+  row ``s*C + c`` belongs to channel ``c``), ``transpose``, ``squeeze``, ``rev``,
+  ``concatenate`` (offset remapping), pooling (``reduce_window_*``), and slices, splits, pads
+  and reductions over non-channel axes, and calls of sub-jaxprs (``jit``, ``custom_jvp_call``
+  for ReLU/GELU, ...).
 
 Anything else that touches a channel (an unknown primitive, a reduction or softmax over channels,
-a grouped convolution, a slice or pad of the channel axis, a constant array with a channel
-axis) makes the affected group unprunable; by default :func:`discover_groups` raises an error
-naming the group, the primitive and the layer (``on_unsupported='freeze'`` keeps such groups as
-``prunable=False`` instead). Groups that reach the model output (the classifier's logits) or the
-model input are never prunable.
+a grouped convolution, a slice, split or pad of the channel axis) makes the affected group
+unprunable; by default :func:`discover_groups` then raises an error naming the group, the
+primitive and the layer (``on_unsupported='freeze'`` keeps such groups as ``prunable=False``
+instead). Groups that reach the model output (the classifier's logits) or the model input, or
+that meet an array of baked-in size (a constant, ``iota``), are never prunable (no error: their
+``reason`` says why).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ _ELEMENTWISE = frozenset('''
     integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow
     real reduce_precision rem round rsqrt select_n shift_left shift_right_arithmetic
     shift_right_logical sign sin sinh sqrt square stop_gradient sub tan tanh xor
-    sharding_constraint mesh_cast device_put optimization_barrier pvary
+    sharding_constraint mesh_cast pvary
 '''.split())
 
 # Primitives whose operands and results pair up one to one (identity per operand).
@@ -163,11 +165,6 @@ _CALLS = {
     'custom_jvp_call': 'call_jaxpr', 'custom_vjp_call': 'call_jaxpr',
     'custom_vjp_call_jaxpr': 'fun_jaxpr', 'checkpoint': 'jaxpr', 'remat': 'jaxpr',
 }
-
-_REDUCTIONS = frozenset({'reduce_sum', 'reduce_max', 'reduce_min', 'reduce_prod', 'reduce_and',
-                         'reduce_or', 'reduce_xor', 'argmax', 'argmin'})
-_WINDOW = frozenset({'reduce_window_max', 'reduce_window_min', 'reduce_window_sum',
-                     'reduce_window'})
 
 AxisAtoms = Optional[np.ndarray]  # int64 [axis length] atom ids, or None (untracked axis).
 

@@ -149,7 +149,12 @@ def taylor(variables: Mapping[str, Any], grads: Mapping[str, Any],
       accumulated over a few batches.
     on: ``'bn'``: ``|gamma * dL/dgamma + beta * dL/dbeta|`` per norm layer (HALP's choice);
       ``'weight'``: ``|sum_w w * dL/dw|`` over each producing filter (``role == 'out'``).
+
+  Design choice: with ``on='bn'``, a group without a norm layer (e.g. a hidden Dense layer)
+  falls back to the weight form, so its channels are not all scored 0.
   """
+  if on not in ('bn', 'weight'):
+    raise UserError(f"taylor(on=...) must be 'bn' or 'weight', got {on!r}")
   leaves = _leaves_by_path(variables)
   grad_leaves = _leaves_by_path(grads, ('params',))
   scores = {}
@@ -157,18 +162,16 @@ def taylor(variables: Mapping[str, Any], grads: Mapping[str, Any],
     if not g.prunable:
       continue
     per_member = []
-    if on == 'bn':
+    if on == 'bn' and _bn_pairs(g):
       for s, b in _bn_pairs(g):
         term = leaves[s.path] * grad_leaves[s.path]
         if b is not None:
           term = term + leaves[b.path] * grad_leaves[b.path]
         per_member.append(jnp.abs(per_channel(term, s, g.size, lambda x, a: x.sum(a))))
-    elif on == 'weight':
+    else:
       for m in _select(g, 'out'):
         term = leaves[m.path] * grad_leaves[m.path]
         per_member.append(jnp.abs(per_channel(term, m, g.size, lambda x, a: x.sum(a))))
-    else:
-      raise UserError(f"taylor(on=...) must be 'bn' or 'weight', got {on!r}")
     scores[g.name] = _aggregate(per_member, g.size, aggregate, normalize)
   return scores
 

@@ -14,7 +14,7 @@ to ``discover_groups`` on it), so an iterative search discovers once per archite
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -35,8 +35,12 @@ def agreement_and_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> tu
 class LinearAccuracyModel:
   """``Â = coef[0] + coef[1] * v1 + coef[2] * v2``; before fitting, ``Â = v1`` (no calibration).
 
-  With fewer calibration points than coefficients, a ridge penalty keeps the fit defined
-  (design choice: lambda = 1e-3 on the slopes only).
+  Design choice: the fit is least squares *constrained to the monotone directions* — more
+  agreement never lowers Â (``coef[1] >= 0``) and more KL never raises it (``coef[2] <= 0``).
+  Calibration candidates of one iteration are similar to each other, so an unconstrained fit on
+  a handful of points can give KL a positive weight and then rank a badly damaged candidate first
+  by extrapolation; the constraint rules that out. Solved exactly as non-negative least squares
+  on centred features ``(v1, -v2)``, with a free intercept.
   """
 
   coef: np.ndarray = dataclasses.field(default_factory=lambda: np.array([0.0, 1.0, 0.0]))
@@ -45,10 +49,12 @@ class LinearAccuracyModel:
 
   def fit(self, v1: Sequence[float], v2: Sequence[float],
           accuracy: Sequence[float]) -> 'LinearAccuracyModel':
-    x = np.stack([np.ones(len(v1)), np.asarray(v1, float), np.asarray(v2, float)], axis=1)
+    from scipy import optimize
+    features = np.stack([np.asarray(v1, float), -np.asarray(v2, float)], axis=1)
     y = np.asarray(accuracy, float)
-    ridge = np.diag([0.0, 1e-3, 1e-3])
-    coef = np.linalg.solve(x.T @ x + ridge, x.T @ y)
+    mean_x, mean_y = features.mean(0), y.mean()
+    slopes, _ = optimize.nnls(features - mean_x, y - mean_y)
+    coef = np.array([mean_y - slopes @ mean_x, slopes[0], -slopes[1]])
     return LinearAccuracyModel(coef, True, len(y))
 
   def predict(self, v1, v2) -> np.ndarray:
