@@ -45,10 +45,13 @@ def test_candidates_remove_the_fewest_channels_reaching_the_saving():
 
 def test_unreachable_saving_falls_back_to_largest_savings():
   widths = {'a': 16, 'b': 32}
-  cands = make_candidates(GROUPS, widths, _predict, 1000.0, round_to=4)
-  assert {c.group for c in cands} == {'a', 'b'}
-  assert not any(c.reaches_target for c in cands)
+  cands = make_candidates(GROUPS, widths, _predict, 100.0, round_to=4)
   assert {c.group: c.removed for c in cands} == {'a': 12, 'b': 28}
+  assert not any(c.reaches_target for c in cands)
+  # A candidate saving under 10% of the request is no progress: 'a' saves 12 of 500 ms.
+  cands = make_candidates(GROUPS, widths, _predict, 500.0, round_to=4)
+  assert {c.group: c.removed for c in cands} == {'b': 28}
+  assert make_candidates(GROUPS, widths, _predict, 5000.0, round_to=4) == []
 
 
 def test_selection_prefers_least_accuracy_lost_per_ms():

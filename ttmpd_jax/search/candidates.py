@@ -52,12 +52,13 @@ def keep_counts(size: int, round_to: int) -> list[int]:
 
 def make_candidates(groups: Sequence[ChannelGroup], widths: Mapping[str, int],
                     predict_ms: Callable[[Mapping[str, int]], float], target_saving_ms: float,
-                    round_to: int) -> list[Candidate]:
+                    round_to: int, min_fraction: float = 0.1) -> list[Candidate]:
   """The candidate of each prunable group for a predicted saving of ``target_saving_ms``.
 
   Groups that cannot reach the saving even at their smallest admissible size are skipped,
   unless *no* group can: then each group contributes its largest-saving candidate, flagged
-  ``reaches_target=False`` (the caller decides whether that is progress).
+  ``reaches_target=False``, provided it saves at least ``min_fraction`` of the requested saving
+  (a candidate that buys almost nothing is not progress; an empty list means "unreachable").
   """
   current_ms = predict_ms(widths)
   reaching, fallback = [], []
@@ -79,7 +80,7 @@ def make_candidates(groups: Sequence[ChannelGroup], widths: Mapping[str, int],
         break
       if best is None or candidate.saving_ms > best.saving_ms:
         best = candidate
-    if best is not None and best.saving_ms > 0:
+    if best is not None and best.saving_ms >= min_fraction * target_saving_ms:
       fallback.append(best)
   return reaching if reaching else fallback
 
