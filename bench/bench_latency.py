@@ -31,8 +31,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-from ttmpd_jax.latency import (CompilationCounter, LatencyPredictor, LatencyTable,  # noqa: E402
-                               Validation, random_architectures, validate)
+from ttmpd_jax.latency import (FITS, CompilationCounter, LatencyPredictor,  # noqa: E402
+                               LatencyTable, Validation, fit_calibration, random_architectures,
+                               validate)
 from ttmpd_jax.models import ModelSpec  # noqa: E402
 
 MODELS = {
@@ -66,7 +67,7 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=20,
                       help='timed calls per end-to-end model measurement')
   parser.add_argument('--cache_dir', default=None, help='default: a fresh temporary folder')
-  parser.add_argument('--fit', default='affine', choices=['affine', 'offset'])
+  parser.add_argument('--fit', default='affine', choices=FITS)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--recalibrate', action=argparse.BooleanOptionalAction, default=True,
                       help='re-measure the calibration architectures interleaved with the '
@@ -96,8 +97,7 @@ def main() -> None:
     t0 = time.perf_counter()
     calibration = predictor.calibrate(fit=args.fit, repeats=args.repeats)
     print(f'calibration ({calibration.fit}, {len(calibration.points)} architectures, '
-          f'{time.perf_counter() - t0:.1f} s): measured ~ {calibration.scale:.3f} * sum(units) + '
-          f'{calibration.offset_ms:.2f} ms')
+          f'{time.perf_counter() - t0:.1f} s): measured ~ {calibration.describe()}')
     if index == 0:
       again = LatencyTable.open(cache_dir=cache_dir, log=quiet)
       t0 = time.perf_counter()
@@ -116,12 +116,21 @@ def main() -> None:
     results[name] = result
     c = predictor.calibration
     print(f'validation ({time.perf_counter() - t0:.1f} s'
-          + (f'; calibration re-measured alongside: {c.scale:.3f} * sum + {c.offset_ms:.2f} ms'
-             if args.recalibrate else '') + '):')
+          + (f'; calibration re-measured alongside: {c.describe()}' if args.recalibrate else '')
+          + '):')
     print('  arch  predicted_ms  measured_ms   error')
     for i, (p, m) in enumerate(zip(result.predicted_ms, result.measured_ms)):
       print(f'  {i:4d}  {p:12.2f}  {m:11.2f}  {100 * (p - m) / m:+6.1f}%')
     print(f'  {name}: {result.summary()}')
+    if args.recalibrate:  # The other calibration fits, on exactly the same measurements.
+      points = c.points
+      for fit in FITS:
+        if fit == args.fit:
+          continue
+        other = fit_calibration([p[:2] for p in points], [p[2] for p in points], fit, quiet)
+        alt = Validation(tuple(other.apply(*predictor.path_sums_ms(w)) for w in archs),
+                         result.measured_ms)
+        print(f'  (fit={fit}: {alt.summary()}; {other.describe()})')
 
     with CompilationCounter() as counter:
       t0 = time.perf_counter()

@@ -19,7 +19,9 @@ from absl import flags
 from launch import common
 from ttmpd_jax import checkpoint
 from ttmpd_jax.errors import UserError
-from ttmpd_jax.latency import LatencyPredictor, LatencyTable, random_architectures, validate
+from ttmpd_jax.latency import (FITS, LatencyPredictor, LatencyTable, random_architectures,
+                               validate)
+from ttmpd_jax.latency.table import warn_if_busy
 from ttmpd_jax.models import ModelSpec
 
 FLAGS = flags.FLAGS
@@ -42,8 +44,9 @@ flags.DEFINE_string('latency_table', None, 'Explicit latency table file (overrid
                     '--latency_cache_dir). Refused if measured on another device/JAX version.')
 flags.DEFINE_enum('latency_on_corrupt', 'rebuild', ['rebuild', 'error'],
                   'What to do with a corrupted table file: move it aside and rebuild, or stop.')
-flags.DEFINE_enum('latency_fit', 'affine', ['affine', 'offset'],
-                  'Calibration: measured ~ scale * sum(units) + offset (affine) or sum + offset.')
+flags.DEFINE_enum('latency_fit', 'affine', list(FITS),
+                  'Calibration: measured ~ scale * sum(units) + offset (affine), one scale per '
+                  'XLA:CPU execution path (per_path), or sum(units) + offset (offset).')
 flags.DEFINE_integer('latency_validate', 10, 'Random pruned architectures to validate the '
                      'predictor on (measured afresh; 0 to skip).')
 
@@ -105,8 +108,8 @@ def run(ctx: common.Context, mode: str) -> None:
   common.log(f'table: {table.measured} new entries measured in {table_s:.1f} s '
              f'({len(table)} in the file); calibration: {table.measured_end_to_end} new '
              f'end-to-end measurements in {calibration_s:.1f} s')
-  common.log(f'calibration ({calibration.fit}): measured ~ {calibration.scale:.3f} * sum(units) '
-             f'+ {calibration.offset_ms:.2f} ms  (max error on calibration points '
+  common.log(f'calibration ({calibration.fit}): measured ~ {calibration.describe()}  (max error '
+             f'on the {len(calibration.points)} calibration architectures '
              f'{100 * calibration.max_relative_error:.1f}%)')
   full_ms = predictor.predict()
   common.log(f'predicted latency of the full model: {full_ms:.2f} ms')
@@ -117,13 +120,14 @@ def run(ctx: common.Context, mode: str) -> None:
       'dtype': FLAGS.latency_dtype, 'round_to': FLAGS.latency_round_to,
       'entries': len(table), 'measured_entries': table.measured, 'table_seconds': table_s,
       'calibration': {'fit': calibration.fit, 'scale': calibration.scale,
-                      'offset_ms': calibration.offset_ms,
-                      'points': [list(p) for p in calibration.points]},
+                      'scale_ynn': calibration.scale_ynn, 'offset_ms': calibration.offset_ms,
+                      'points_xla_ynn_measured_ms': [list(p) for p in calibration.points]},
       'full_model_predicted_ms': full_ms, 'flags': common.flag_values_for_report()}
   if FLAGS.latency_validate:
     archs = random_architectures(predictor.structure, FLAGS.latency_validate,
                                  FLAGS.latency_round_to, seed=ctx.seed + 1)
     common.log(f'validating on {len(archs)} random pruned architectures (measured afresh)...')
+    warn_if_busy(common.log)
     result = validate(predictor, archs, repeats=FLAGS.latency_model_repeats)
     rows = [[i, f'{p:.2f}', f'{m:.2f}', f'{100 * (p - m) / m:+.1f}%']
             for i, (p, m) in enumerate(zip(result.predicted_ms, result.measured_ms))]

@@ -8,6 +8,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 from absl import flags
 
 from launch import common, mode_evaluate
@@ -17,6 +18,7 @@ from ttmpd_jax.errors import UserError
 from ttmpd_jax.report import plot_tradeoff
 from ttmpd_jax.search import harness
 from ttmpd_jax.search.config import METHODS, SearchConfig, check_method
+from ttmpd_jax.search.proxy import LinearAccuracyModel, spearman
 from ttmpd_jax.search.scoring import IMPORTANCE_CRITERIA
 
 FLAGS = flags.FLAGS
@@ -83,6 +85,15 @@ def _run_key(method: str, config: SearchConfig, dataset: str, source_path: str) 
   return hashlib.sha256(data.encode()).hexdigest()[:10]
 
 
+def _spearman_cell(row: dict[str, Any]) -> str:
+  if row['method'] != 'ttmpd':
+    return ''
+  cell = f'{row.get("spearman", float("nan")):.2f}'
+  if 'spearman_netadapt_candidates' in row:
+    cell += f' / {row["spearman_netadapt_candidates"]:.2f}'
+  return cell
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
   netadapt = {(r['dataset'], r['kd']): r['prune_finetune_s'] for r in rows
               if r['method'] == 'netadapt'}
@@ -96,10 +107,32 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 f'{r["params"] / 1e3:.1f}k',
                 f'{r["prune_finetune_s"]:.1f}' if pruned else '-',
                 f'{r["prune_finetune_s"] / base:.2f}' if pruned and base else '-',
-                r.get('spearman', '') if r['method'] == 'ttmpd' else ''])
+                _spearman_cell(r)])
   return common.format_table(
       ['dataset', 'method', 'kd', 'acc %', 'lat ratio', 'lat ms', 'pred ms', 'MACs', 'params',
-       'prune+FT s', 'vs NetAdapt', 'spearman'], out)
+       'prune+FT s', 'vs NetAdapt', 'spearman (calib / NetAdapt cands)'], out)
+
+
+def cross_check_proxy(rows: list[dict[str, Any]]) -> None:
+  """Out-of-sample check of TT-MPD's Â: applied to every candidate NetAdapt fine-tuned.
+
+  NetAdapt short-term fine-tunes every candidate of every iteration and records its v1/v2, so
+  its candidates are free ground truth for the accuracy model TT-MPD fitted on its own few
+  calibration candidates. Adds ``spearman_netadapt_candidates`` to the TT-MPD row.
+  """
+  for ttmpd in (r for r in rows if r['method'] == 'ttmpd' and r.get('proxy')):
+    netadapt = next((r for r in rows if r['method'] == 'netadapt' and
+                     r['dataset'] == ttmpd['dataset'] and r['kd'] == ttmpd['kd']), None)
+    if netadapt is None:
+      continue
+    points = [c for c in netadapt.get('candidates', []) if c.get('real') is not None]
+    model = LinearAccuracyModel(np.asarray(ttmpd['proxy']['coef']), True)
+    predicted = model.predict([c['v1'] for c in points], [c['v2'] for c in points])
+    ttmpd['spearman_netadapt_candidates'] = spearman(predicted, [c['real'] for c in points])
+    ttmpd['spearman_netadapt_candidates_n'] = len(points)
+    common.log(f'TT-MPD accuracy model on NetAdapt\'s {len(points)} fine-tuned candidates '
+               f'({ttmpd["dataset"]}, {ttmpd["kd"]} KD): Spearman '
+               f'{ttmpd["spearman_netadapt_candidates"]:.3f}')
 
 
 def run(ctx: common.Context, mode: str) -> None:
@@ -159,6 +192,7 @@ def run(ctx: common.Context, mode: str) -> None:
           if not row.get('reached_target', True):
             common.log(f'note: {row["message"]}')
         rows.append(row)
+        cross_check_proxy(rows)
         ctx.write_report(report)  # Partial results survive a later failure.
   print()
   print(_table(rows))

@@ -223,13 +223,20 @@ def test_fit_calibration():
   sums = [10.0, 20.0, 40.0]
   cal = fit_calibration(sums, [1.2 * s + 3.0 for s in sums])
   assert cal.fit == 'affine' and cal.scale == pytest.approx(1.2) and cal.offset_ms == pytest.approx(3)
+  assert cal.max_relative_error < 1e-6 and cal.apply(50.0) == pytest.approx(63.0)
   cal = fit_calibration(sums, [s + 5.0 for s in sums], fit='offset')
   assert (cal.scale, cal.offset_ms) == (1.0, pytest.approx(5.0))
-  cal = fit_calibration(sums, [0.8 * s - 1.0 for s in sums])  # Negative offset: scale only.
-  assert cal.fit == 'scale' and cal.offset_ms == 0.0 and 0.7 < cal.scale < 0.8
+  cal = fit_calibration(sums, [0.8 * s - 1.0 for s in sums])  # Offset clipped at 0.
+  assert cal.offset_ms == pytest.approx(0.0, abs=1e-6) and 0.7 < cal.scale < 0.8
   messages = []
   cal = fit_calibration(sums, [10 * s for s in sums], log=messages.append)  # Implausible scale.
-  assert cal.fit == 'scale' and cal.scale == pytest.approx(10.0) and 'far from 1' in messages[0]
+  assert cal.scale == pytest.approx(5.0) and 'far from 1' in messages[0]
+  # Two execution paths with different true scales are separated when the data allow it.
+  pairs = [(10.0, 0.0), (0.0, 10.0), (10.0, 20.0), (30.0, 5.0)]
+  measured = [1.0 * x + 0.6 * y + 2.0 for x, y in pairs]
+  cal = fit_calibration(pairs, measured, fit='per_path')
+  assert cal.scale == pytest.approx(1.0, abs=0.05) and cal.scale_ynn == pytest.approx(0.6, abs=0.05)
+  assert cal.max_relative_error < 0.03
 
 
 def test_predictor_build_predict_calibrate_incrementally(tmp_path):

@@ -15,7 +15,7 @@ Typical use::
 """
 
 from ttmpd_jax.latency.compilations import CompilationCounter, count_compilations
-from ttmpd_jax.latency.predictor import (Calibration, LatencyPredictor, Validation,
+from ttmpd_jax.latency.predictor import (FITS, Calibration, LatencyPredictor, Validation,
                                          fit_calibration, random_architectures, validate)
 from ttmpd_jax.latency.protocol import (Timing, measure, measure_many, measure_model,
                                         measure_models, synthetic_variables)
@@ -23,7 +23,7 @@ from ttmpd_jax.latency.structure import ModelStructure, Unit, UnitConfig, channe
 from ttmpd_jax.latency.table import (LatencyTable, TableError, default_table_path, device_key,
                                      interpolate, interpolate_diagonal)
 
-__all__ = ['Calibration', 'CompilationCounter', 'LatencyPredictor', 'LatencyTable',
+__all__ = ['FITS', 'Calibration', 'CompilationCounter', 'LatencyPredictor', 'LatencyTable',
            'ModelStructure', 'TableError', 'Timing', 'Unit', 'UnitConfig', 'Validation',
            'channel_grid', 'count_compilations', 'default_table_path', 'device_key',
            'fit_calibration', 'interpolate', 'interpolate_diagonal', 'measure', 'measure_many',

@@ -6,12 +6,13 @@ measurements of a few calibration architectures. ``offset`` stands for the non-p
 (input handling, residual adds beyond the fused elementwise op, pooling, dispatch).
 
 Design choice: by default we fit both ``scale`` and ``offset`` by least squares in relative
-error over 4 calibration architectures (the full model and uniform keep ratios 0.75 / 0.5 /
-0.3), constrained to ``offset >= 0`` (see :func:`fit_calibration`); ``fit='offset'`` keeps
-``scale = 1`` (plain "sum + constant"). Isolated units are timed with their input hot in cache
+error over 6 calibration architectures (the full model, uniform keep ratios 0.75 / 0.5 / 0.3
+and two random prunings), constrained to ``offset >= 0`` (see :func:`fit_calibration`);
+``fit='offset'`` keeps ``scale = 1`` (plain "sum + constant"). Isolated units are timed with their input hot in cache
 and without XLA's inter-op scheduling, and XLA:CPU fuses runs of convolutions into one library
 call (YNNPACK) differently inside the model, so in-model units differ from isolated ones by a
-roughly constant factor; the scale absorbs it.
+factor that the scale absorbs on average (the remaining per-architecture differences are the
+model's error; see bench/bench_latency.py).
 
 ``predict`` is pure Python/NumPy over memoised per-unit interpolations: no tracing, no
 compilation, typically 10-100 microseconds, so the search can call it for every candidate.
@@ -29,58 +30,103 @@ import numpy as np
 from ttmpd_jax.errors import UserError
 from ttmpd_jax.latency import protocol
 from ttmpd_jax.latency.structure import ModelStructure, Widths
-from ttmpd_jax.latency.table import LatencyTable, Request, interpolate, interpolate_diagonal
+from ttmpd_jax.latency.table import (PATHS, LatencyTable, Request, interpolate,
+                                     interpolate_diagonal)
 
 DEFAULT_CALIBRATION_KEEPS = (1.0, 0.75, 0.5, 0.3)
+DEFAULT_CALIBRATION_RANDOM = 2
+CALIBRATION_SEED = 987_654
 
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-  """Fitted ``measured ~ scale * sum_units + offset`` (ms) and its calibration residuals."""
+  """Fitted ``measured ~ scale * sum_xla + scale_ynn * sum_ynn + offset`` (ms).
+
+  ``sum_xla`` / ``sum_ynn`` are the summed table latencies of the units XLA runs itself / hands
+  to YNNPACK (``table.execution_path``); ``scale_ynn=None`` means one common ``scale``.
+
+  Attributes:
+    points: the calibration data, ``(sum_xla, sum_ynn, measured)`` per architecture.
+  """
 
   scale: float = 1.0
   offset_ms: float = 0.0
-  fit: str = 'none'                   # 'none', 'offset', 'scale' or 'affine'.
-  points: tuple[tuple[float, float], ...] = ()  # (sum_units_ms, measured_ms).
+  fit: str = 'none'                   # 'none', 'offset', 'affine' or 'per_path'.
+  scale_ynn: Optional[float] = None
+  points: tuple[tuple[float, float, float], ...] = ()
+
+  def apply(self, sum_xla: float, sum_ynn: float = 0.0) -> float:
+    ynn = self.scale if self.scale_ynn is None else self.scale_ynn
+    return self.scale * sum_xla + ynn * sum_ynn + self.offset_ms
 
   @property
   def max_relative_error(self) -> float:
+    """Largest relative error on the calibration architectures themselves."""
     if not self.points:
       return float('nan')
-    return max(abs(self.scale * s + self.offset_ms - m) / m for s, m in self.points)
+    return max(abs(self.apply(x, y) - m) / m for x, y, m in self.points)
+
+  def describe(self) -> str:
+    if self.scale_ynn is None:
+      return f'{self.scale:.3f} * sum(units) + {self.offset_ms:.2f} ms'
+    return (f'{self.scale:.3f} * sum(XLA units) + {self.scale_ynn:.3f} * sum(YNNPACK units) + '
+            f'{self.offset_ms:.2f} ms')
 
 
-def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float],
-                    fit: str = 'affine', log: Callable[[str], None] = print) -> Calibration:
-  """Least-squares fit of ``measured ~ scale * sum + offset`` in relative error.
+FITS = ('affine', 'per_path', 'offset')
+_SCALE_BOUNDS = (0.2, 5.0)
+_PATH_RIDGE = 0.3  # Pulls the two path scales together when the data cannot separate them.
 
-  Design choice: with ``fit='affine'`` the fit is constrained to ``offset >= 0`` (the
-  non-prunable rest costs time) and ``0.5 <= scale <= 2`` (a sanity bound), so predictions stay
-  positive for every width spec: an affine fit violating them is replaced by a scale-only fit
-  (``offset = 0``), with a warning if that scale is far from 1. ``fit='offset'`` fits
-  ``scale = 1`` and the mean difference as offset.
+
+def fit_calibration(sums_ms: Sequence[Union[float, Sequence[float]]],
+                    measured_ms: Sequence[float], fit: str = 'affine',
+                    log: Callable[[str], None] = print) -> Calibration:
+  """Least-squares fit of the calibration in *relative* error (MAPE is what we report).
+
+  Args:
+    sums_ms: per architecture, the summed unit latency, or a pair ``(sum_xla, sum_ynn)``.
+    measured_ms: the measured end-to-end latencies.
+    fit: 'affine': ``scale * sum + offset``; 'per_path': one scale per execution path plus an
+      offset (a ridge term keeps the two scales equal unless the data say otherwise);
+      'offset': ``sum + offset`` (scale 1).
+
+  Design choice: scales are bounded to [0.2, 5] and the offset to >= 0 (the non-prunable rest
+  costs time), so every prediction is positive; a scale far from 1 is reported, since it means
+  a busy machine or layers that XLA fuses very differently inside the model.
   """
-  s = np.asarray(sums_ms, np.float64)
+  if fit not in FITS:
+    raise ValueError(f'fit must be one of {FITS}, got {fit!r}')
+  pairs = np.array([(float(v), 0.0) if np.ndim(v) == 0 else tuple(map(float, v))
+                    for v in sums_ms], np.float64).reshape(-1, 2)
   m = np.asarray(measured_ms, np.float64)
-  if s.shape != m.shape or s.size == 0:
-    raise ValueError('need matching, non-empty sums and measurements')
-  if fit not in ('affine', 'offset'):
-    raise ValueError(f"fit must be 'affine' or 'offset', got {fit!r}")
-  points = tuple((float(a), float(b)) for a, b in zip(s, m))
-  if fit == 'affine' and s.size >= 2 and np.ptp(s) > 1e-9:
-    # Relative errors matter (MAPE), so weight each point by 1 / measured.
-    a = np.stack([s, np.ones_like(s)], axis=1) / m[:, None]
-    scale, offset = np.linalg.lstsq(a, np.ones_like(m), rcond=None)[0]
-    if 0.5 <= scale <= 2.0 and offset >= 0.0:
-      return Calibration(float(scale), float(offset), 'affine', points)
+  if pairs.shape[0] != m.shape[0] or m.size == 0 or np.any(m <= 0):
+    raise ValueError('need matching, non-empty sums and positive measurements')
+  points = tuple((float(x), float(y), float(z)) for (x, y), z in zip(pairs, m))
+  total = pairs.sum(axis=1)
+  if fit == 'offset':
+    return Calibration(1.0, float(np.mean(m - total)), 'offset', None, points)
+
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  ones = np.ones_like(m)
+  lo, hi = _SCALE_BOUNDS
   if fit == 'affine':
-    scale = float(np.sum(s / m) / np.sum((s / m) ** 2))  # offset = 0.
-    if not 0.5 <= scale <= 2.0:
-      log(f'  latency calibration: measured / summed unit latency = {scale:.3f}, far from 1 '
-          f'(a busy machine, or a model whose layers XLA fuses unusually?)')
-    return Calibration(scale, 0.0, 'scale', points)
-  offset = float(np.mean(m - s))
-  return Calibration(1.0, offset, 'offset', points)
+    a = np.stack([total, ones], axis=1) / m[:, None]
+    result = optimize.lsq_linear(a, ones, bounds=([lo, 0.0], [hi, np.inf]))
+    scale, offset = (float(v) for v in result.x)
+    calibration = Calibration(scale, offset, 'affine', None, points)
+    scales = [scale]
+  else:
+    a = np.stack([pairs[:, 0], pairs[:, 1], ones], axis=1) / m[:, None]
+    a = np.concatenate([a, [[_PATH_RIDGE, -_PATH_RIDGE, 0.0]]])
+    b = np.concatenate([ones, [0.0]])
+    result = optimize.lsq_linear(a, b, bounds=([lo, lo, 0.0], [hi, hi, np.inf]))
+    scale, scale_ynn, offset = (float(v) for v in result.x)
+    calibration = Calibration(scale, offset, 'per_path', scale_ynn, points)
+    scales = [scale, scale_ynn]
+  if any(not 0.5 <= x <= 2.0 for x in scales):
+    log(f'  latency calibration: measured = {calibration.describe()}: a scale far from 1 '
+        f'(a busy machine, or a model whose layers XLA fuses very differently?)')
+  return calibration
 
 
 def architecture_key(spec: Any, widths: Mapping[str, int], input_shape: Sequence[int],
@@ -117,9 +163,10 @@ class LatencyPredictor:
     self.spec = spec
     self.calibration = calibration or Calibration()
     self._grids = structure.unit_grids(self.round_to, max_grid_points)
-    self._values = [table.grid_values(u.config, gi, go)
+    # Per unit, one value grid per execution path (entries of the other path read 0).
+    self._values = [{path: table.grid_values(u.config, gi, go, path) for path in PATHS}
                     for u, (gi, go) in zip(structure.units, self._grids)]
-    self._memo: list[dict[tuple[int, int], float]] = [{} for _ in structure.units]
+    self._memo: list[dict[tuple[int, int], tuple[float, float]]] = [{} for _ in structure.units]
 
   # ---- construction -------------------------------------------------------------------------
   @staticmethod
@@ -145,43 +192,64 @@ class LatencyPredictor:
     return cls(structure, table, round_to, max_grid_points, spec)
 
   # ---- prediction ---------------------------------------------------------------------------
-  def unit_ms(self, index: int, c_in: int, c_out: int) -> float:
-    """Interpolated latency of unit ``index`` at the given channels (memoised)."""
+  def unit_ms(self, index: int, c_in: int, c_out: int) -> tuple[float, float]:
+    """Interpolated latency of unit ``index``: ``(ms on XLA's path, ms on YNNPACK's path)``.
+
+    At a grid point one of the two is 0; between grid points whose entries ran on different
+    paths both are partial. Memoised.
+    """
     memo = self._memo[index]
     value = memo.get((c_in, c_out))
     if value is None:
       gi, go = self._grids[index]
+      grids = self._values[index]
       if self.structure.units[index].depthwise:
-        value = interpolate_diagonal(gi, self._values[index], c_in)
+        value = tuple(interpolate_diagonal(gi, grids[p], c_in) for p in PATHS)
       else:
-        value = interpolate(gi, go, self._values[index], c_in, c_out)
+        value = tuple(interpolate(gi, go, grids[p], c_in, c_out) for p in PATHS)
       memo[(c_in, c_out)] = value
     return value
 
   def units_ms(self, widths: Optional[Widths] = None) -> np.ndarray:
-    """Per-unit latencies (ms), in ``structure.units`` order."""
+    """Per-unit latencies (ms, both paths summed), in ``structure.units`` order."""
     c_in, c_out = self.structure.channels(widths)
-    return np.array([self.unit_ms(i, a, b) for i, (a, b) in enumerate(zip(c_in, c_out))])
+    return np.array([sum(self.unit_ms(i, a, b)) for i, (a, b) in enumerate(zip(c_in, c_out))])
+
+  def path_sums_ms(self, widths: Optional[Widths] = None) -> tuple[float, float]:
+    """``(sum over XLA-path units, sum over YNNPACK-path units)`` in ms."""
+    c_in, c_out = self.structure.channels(widths)
+    xla = ynn = 0.0
+    for i, (a, b) in enumerate(zip(c_in, c_out)):
+      x, y = self.unit_ms(i, a, b)
+      xla += x
+      ynn += y
+    return xla, ynn
 
   def sum_units_ms(self, widths: Optional[Widths] = None) -> float:
-    c_in, c_out = self.structure.channels(widths)
-    return float(sum(self.unit_ms(i, a, b) for i, (a, b) in enumerate(zip(c_in, c_out))))
+    return float(sum(self.path_sums_ms(widths)))
 
   def predict(self, widths: Optional[Widths] = None) -> float:
     """Predicted end-to-end latency (ms) of the architecture ``widths`` (missing keys: full)."""
-    return self.calibration.scale * self.sum_units_ms(widths) + self.calibration.offset_ms
+    return self.calibration.apply(*self.path_sums_ms(widths))
 
   def saving(self, widths_before: Optional[Widths], widths_after: Widths) -> float:
     """Predicted latency saved (ms) by going from ``widths_before`` to ``widths_after``."""
     return self.predict(widths_before) - self.predict(widths_after)
 
   # ---- calibration --------------------------------------------------------------------------
-  def calibration_architectures(self, keeps: Sequence[float] = DEFAULT_CALIBRATION_KEEPS
-                                ) -> list[dict[str, int]]:
-    """Full model and uniformly pruned variants (duplicates after rounding removed)."""
+  def calibration_architectures(self, keeps: Sequence[float] = DEFAULT_CALIBRATION_KEEPS,
+                                random: int = DEFAULT_CALIBRATION_RANDOM,
+                                seed: int = CALIBRATION_SEED) -> list[dict[str, int]]:
+    """Full model, uniformly pruned variants, and ``random`` randomly pruned ones.
+
+    Design choice: the random ones (fixed seed, never the validation seeds) make the fit see
+    architectures whose layers are pruned unevenly, as the search produces them.
+    """
     out: list[dict[str, int]] = []
-    for keep in keeps:
-      widths = self.structure.uniform_widths(keep, self.round_to)
+    candidates = [self.structure.uniform_widths(keep, self.round_to) for keep in keeps]
+    if random:
+      candidates += random_architectures(self.structure, random, self.round_to, seed=seed)
+    for widths in candidates:
       if widths not in out:
         out.append(widths)
     return out
@@ -237,7 +305,7 @@ class LatencyPredictor:
     """Fits ``(scale, offset)`` on end-to-end measurements (cached in the table)."""
     widths_list = list(widths_list or self.calibration_architectures())
     measured = self.measure_end_to_end(widths_list, repeats, warmup)
-    sums = [self.sum_units_ms(w) for w in widths_list]
+    sums = [self.path_sums_ms(w) for w in widths_list]
     self.calibration = fit_calibration(sums, measured, fit, self.table.log)
     return self.calibration
 
@@ -288,7 +356,7 @@ def validate(predictor: LatencyPredictor, widths_list: Sequence[Widths], repeats
     calibration = predictor.calibration_architectures()
     measured = predictor.measure_end_to_end(
         calibration + widths_list, repeats, warmup, use_cache=False, group=group)
-    sums = [predictor.sum_units_ms(w) for w in calibration]
+    sums = [predictor.path_sums_ms(w) for w in calibration]
     predictor.calibration = fit_calibration(sums, measured[:len(calibration)], fit,
                                             predictor.table.log)
     measured = measured[len(calibration):]
@@ -324,5 +392,5 @@ def random_architectures(structure: ModelStructure, n: int, round_to: int, seed:
   return out
 
 
-__all__ = ['Calibration', 'LatencyPredictor', 'Validation', 'architecture_key', 'fit_calibration',
+__all__ = ['FITS', 'Calibration', 'LatencyPredictor', 'Validation', 'architecture_key', 'fit_calibration',
            'random_architectures', 'validate']

@@ -1,7 +1,8 @@
 """The latency *units* of a model and how a width spec determines each unit's channel counts.
 
 A **unit** is one Conv (plus the BatchNorm that directly follows it, if any, plus an elementwise
-activation) or one Dense (plus bias and activation). The unit's cost grows with its input and
+activation, plus the max/average pooling that directly follows, if any) or one Dense (plus bias
+and activation). The unit's cost grows with its input and
 output channels; everything else (residual adds after the first fused elementwise op, pooling,
 reshapes, dispatch) is the *non-prunable rest* that the predictor absorbs in a fitted constant.
 
@@ -57,6 +58,11 @@ class UnitConfig:
     batchnorm: a BatchNorm directly follows the conv (folded into the unit).
     bias: the layer adds a bias.
     dtype: compute dtype name, e.g. 'float32'.
+    pool: the pooling that follows the conv's elementwise ops in the model, if any:
+      ``('max', window, strides, padding)`` (4-D, as ``lax.reduce_window``) or ``('mean',)``
+      (global average). Part of the unit because XLA:CPU fuses it with the convolution
+      (YNNPACK then never writes the full-resolution output): measured without it, such a unit
+      costs up to twice what it costs inside the model.
   """
 
   kind: str
@@ -70,6 +76,7 @@ class UnitConfig:
   batchnorm: bool = False
   bias: bool = False
   dtype: str = 'float32'
+  pool: tuple = ()
 
   def key(self) -> str:
     """A stable, human-readable string key (used in the table file)."""
@@ -79,9 +86,17 @@ class UnitConfig:
       return f'dense|b{self.batch}|bias{int(self.bias)}|{self.dtype}'
     pad = ','.join(f'{lo}-{hi}' for lo, hi in self.padding) or '-'
     groups = 'dw' if self.depthwise else f'g{self.groups}'
-    return (f'conv|b{self.batch}|in{dims(self.in_spatial)}|k{dims(self.kernel)}|'
-            f's{dims(self.strides)}|p{pad}|{groups}|bn{int(self.batchnorm)}|'
-            f'bias{int(self.bias)}|{self.dtype}')
+    key = (f'conv|b{self.batch}|in{dims(self.in_spatial)}|k{dims(self.kernel)}|'
+           f's{dims(self.strides)}|p{pad}|{groups}|bn{int(self.batchnorm)}|'
+           f'bias{int(self.bias)}|{self.dtype}')
+    if self.pool:
+      if self.pool[0] == 'max':
+        _, window, strides, padding = self.pool
+        pool_pad = ','.join(f'{lo}-{hi}' for lo, hi in padding)
+        key += f'|maxpool{dims(window)}s{dims(strides)}p{pool_pad}'
+      else:
+        key += f'|{self.pool[0]}pool'
+    return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +249,37 @@ class ModelStructure:
         stack.extend(reversed(eqn.invars))
       return sorted(result)
 
+    consumers: dict[int, list[Any]] = {}
+    for eqn in jaxpr.eqns:
+      for v in eqn.invars:
+        if not isinstance(v, jex_core.Literal):
+          consumers.setdefault(id(v), []).append(eqn)
+
+    def following_pool(var) -> tuple:
+      """Pooling reached from ``var`` through elementwise ops only (no layer, no residual)."""
+      shape = tuple(var.aval.shape)
+      frontier, seen, steps = [var], set(), 0
+      while frontier and steps < 64:
+        v = frontier.pop()
+        for eqn in consumers.get(id(v), ()):
+          steps += 1
+          if id(eqn) in seen or id(eqn) in eqn_to_layer:
+            continue
+          seen.add(id(eqn))
+          name = eqn.primitive.name
+          if name == 'reduce_window_max':
+            p = eqn.params
+            return ('max', tuple(p['window_dimensions']), tuple(p['window_strides']),
+                    tuple(tuple(int(x) for x in pair) for pair in p['padding']))
+          if name == 'reduce_sum' and len(shape) == 4 and tuple(eqn.params['axes']) == (1, 2):
+            return ('mean',)
+          others = [x for x in eqn.invars if not isinstance(x, jex_core.Literal) and x is not v
+                    and tuple(getattr(x.aval, 'shape', ())) == shape]
+          if others or len(eqn.outvars) != 1 or tuple(eqn.outvars[0].aval.shape) != shape:
+            continue  # A residual join or a shape change: the unit ends here.
+          frontier.append(eqn.outvars[0])
+      return ()
+
     output_producers = set()
     for out in jaxpr.outvars:
       output_producers.update(producers_of(out))
@@ -260,7 +306,8 @@ class ModelStructure:
         config = UnitConfig('conv', int(info.input_shape[0]), tuple(info.input_shape[1:-1]),
                             tuple(info.kernel_size), tuple(info.strides), padding,
                             1 if depthwise else int(info.groups), depthwise,
-                            path in bn_after, bool(info.use_bias), str(dtype))
+                            path in bn_after, bool(info.use_bias), str(dtype),
+                            following_pool(eqn.outvars[0]))
       else:
         rows = int(np.prod(info.input_shape[:-1]))
         config = UnitConfig('dense', rows, bias=bool(info.use_bias), dtype=str(dtype))

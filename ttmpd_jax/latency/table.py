@@ -1,9 +1,10 @@
 """Latency lookup table: measured unit latencies on *this* device, cached on disk, interpolated.
 
 Entries are keyed by ``(UnitConfig, c_in, c_out)``: batch, input spatial size, kernel, stride,
-padding, groups, BatchNorm/bias, dtype, channels. They are measured with the protocol of
-``latency.protocol`` on a jit-compiled stand-alone unit (conv -> BatchNorm in inference form ->
-ReLU, exactly the ops Flax emits; or dense -> bias -> ReLU).
+padding, groups, BatchNorm/bias, following pooling, dtype, channels. They are measured with the
+protocol of ``latency.protocol`` on a jit-compiled stand-alone unit (conv -> BatchNorm in
+inference form, exactly the ops Flax emits -> ReLU -> the model's pooling if one follows; or
+dense -> bias -> ReLU).
 
 The file (JSON, written atomically: temp file + ``os.replace``) carries a **device key**
 (device kind, platform, JAX/jaxlib versions, CPU model and core count on CPU hosts). A table whose
@@ -89,6 +90,34 @@ def describe_key(key: Mapping[str, Any]) -> str:
   return ', '.join(f'{k}={v}' for k, v in sorted(key.items()))
 
 
+def _utc_now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+def load_average() -> Optional[float]:
+  """1-minute load average of the host (None where the OS does not report it)."""
+  try:
+    return round(os.getloadavg()[0], 2)
+  except (AttributeError, OSError):
+    return None
+
+
+def warn_if_busy(log: Callable[[str], None] = print, threshold: float = 0.5) -> bool:
+  """Warns (and returns True) when the host's load average exceeds ``threshold`` x cores.
+
+  CPU latencies measured next to other busy processes are inflated unevenly (XLA's own
+  convolutions, split over all cores, suffer more than YNNPACK fusions), so such tables and
+  validations should be redone on a quiet machine.
+  """
+  load = load_average()
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  if load is not None and cores and jax.default_backend() == 'cpu' and load > threshold * cores:
+    log(f'  warning: load average {load:.2f} on {cores} cores: other processes compete for the '
+        f'CPU, latency measurements will be noisy and biased (re-run on a quiet machine)')
+    return True
+  return False
+
+
 # ---- measuring units ---------------------------------------------------------------------------
 def unit_function(config: UnitConfig) -> Callable:
   """The stand-alone jitted unit ``f(x, *params) -> y`` for ``config`` (see module docstring)."""
@@ -115,7 +144,13 @@ def unit_function(config: UnitConfig) -> Callable:
     if config.batchnorm:  # Flax BatchNorm in inference mode, op for op.
       mean, var, scale, bias = rest
       y = (y - mean) * (lax.rsqrt(var + BN_EPSILON) * scale) + bias
-    return jax.nn.relu(y)
+    y = jax.nn.relu(y)
+    if config.pool and config.pool[0] == 'max':
+      _, window, strides, padding = config.pool
+      y = lax.reduce_window(y, -jnp.inf, lax.max, window, strides, padding)
+    elif config.pool and config.pool[0] == 'mean':
+      y = jnp.mean(y, axis=(1, 2))
+    return y
 
   return jax.jit(conv)
 
@@ -146,6 +181,24 @@ def unit_arguments(config: UnitConfig, c_in: int, c_out: int, rng: np.random.Gen
     args += [normal(c_out), jax.device_put(jnp.ones((c_out,), dtype)), normal(c_out),
              normal(c_out)]
   return tuple(args)
+
+
+PATHS = ('xla', 'ynn')
+
+
+def execution_path(compiled: Any) -> str:
+  """'ynn' if XLA:CPU compiled (part of) the unit into a YNNPACK fusion, else 'xla'.
+
+  Recent XLA:CPU hands convolutions it deems suitable, and whole chains of them inside a model,
+  to YNNPACK; such units and XLA's own convolutions react differently to being fused with
+  their neighbours and to background load, so the predictor can scale the two separately.
+  """
+  try:
+    text = compiled.as_text()
+  except Exception:  # pylint: disable=broad-except
+    return 'xla'
+  entry = text[text.find('ENTRY'):] if 'ENTRY' in text else text
+  return 'ynn' if 'ynn' in entry.lower() else 'xla'
 
 
 def input_shape_of(config: UnitConfig, c_in: int) -> tuple[int, ...]:
@@ -223,17 +276,20 @@ class LatencyTable:
     key: the device key the numbers belong to (see :func:`device_key`).
     entries: ``entry_key(config, c_in, c_out)`` -> {'ms', 'iqr_ms', 'n'}.
     end_to_end: architecture key -> {'ms', 'iqr_ms', 'n'} (calibration measurements).
+    builds: one record per :meth:`ensure` that measured something: when, how many entries,
+      and the machine's load average before/after (timings from a busy machine are suspect).
     path: file the table is saved to (None: in memory only).
     measured: entries measured by this process (0 on a fully cached run).
   """
 
   def __init__(self, key: Optional[Mapping[str, Any]] = None, path: Optional[str] = None,
                entries: Optional[dict] = None, end_to_end: Optional[dict] = None,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = print, builds: Optional[list] = None):
     self.key = dict(key if key is not None else device_key())
     self.path = path
     self.entries: dict[str, dict[str, Any]] = dict(entries or {})
     self.end_to_end: dict[str, dict[str, Any]] = dict(end_to_end or {})
+    self.builds: list[dict[str, Any]] = list(builds or [])
     self.measured = 0
     self.measured_end_to_end = 0
     self.log = log
@@ -288,7 +344,9 @@ class LatencyTable:
           f'latency table {path} was measured on a different device or JAX version and is '
           f'refused.\n  table:   {describe_key(data["key"])}\n  current: {describe_key(key)}\n'
           f'Pass a table built on this device, or delete the file to rebuild it here.')
-    return cls(key, path, data['entries'], data['end_to_end'], log=log)
+    builds = data.get('builds', [])
+    return cls(key, path, data['entries'], data['end_to_end'], log=log,
+               builds=builds if isinstance(builds, list) else [])
 
   @staticmethod
   def _read(path: str) -> dict[str, Any]:
@@ -327,7 +385,8 @@ class LatencyTable:
     except OSError as e:
       raise TableError(f'cannot write latency table {path}: {e.strerror or e}') from e
     data = {'format': FORMAT, 'version': FORMAT_VERSION, 'key': self.key,
-            'updated': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'updated': _utc_now(),
+            'builds': self.builds,
             'entries': dict(sorted(self.entries.items())),
             'end_to_end': dict(sorted(self.end_to_end.items()))}
     try:
@@ -350,6 +409,11 @@ class LatencyTable:
     """The measured latency (ms) of an exact grid point, or None."""
     entry = self.entries.get(entry_key(config, c_in, c_out))
     return None if entry is None else float(entry['ms'])
+
+  def path_of(self, config: UnitConfig, c_in: int, c_out: int) -> str:
+    """Execution path XLA chose for an entry ('xla' when unknown)."""
+    entry = self.entries.get(entry_key(config, c_in, c_out)) or {}
+    return str(entry.get('path', 'xla'))
 
   def missing(self, requests: Iterable[Request]) -> list[Request]:
     seen, out = set(), []
@@ -393,23 +457,32 @@ class LatencyTable:
       batch_shapes.add(shape)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
+    build = {'utc': _utc_now(), 'entries': 0, 'seconds': 0.0, 'repeats': repeats,
+             'loadavg_before': load_average()}
+    warn_if_busy(self.log)
+    self.builds.append(build)
     done = 0
     functions: dict[str, Callable] = {}
     for part in batches:
       inputs: dict[tuple[Any, ...], jax.Array] = {}
-      calls = []
+      calls, paths = [], []
       for config, c_in, c_out in part:
         fn = functions.setdefault(config.key(), unit_function(config))
         shape = (config.dtype, *input_shape_of(config, c_in))
         if shape not in inputs:
           inputs[shape] = unit_arguments(config, c_in, c_out, rng)[0]
-        calls.append((fn, unit_arguments(config, c_in, c_out, rng, x=inputs[shape])))
+        args = unit_arguments(config, c_in, c_out, rng, x=inputs[shape])
+        compiled, _ = protocol.compile_fn(fn, *args)
+        calls.append((compiled, args))
+        paths.append(execution_path(compiled))
       timings = protocol.measure_many(calls, repeats=repeats, warmup=warmup)
-      for (config, c_in, c_out), t in zip(part, timings):
+      for (config, c_in, c_out), t, path in zip(part, timings, paths):
         self.entries[entry_key(config, c_in, c_out)] = {
-            'ms': max(t.median_ms, 1e-6), 'iqr_ms': t.iqr_ms, 'n': t.repeats}
+            'ms': max(t.median_ms, 1e-6), 'iqr_ms': t.iqr_ms, 'n': t.repeats, 'path': path}
       done += len(part)
       self.measured += len(part)
+      build.update(entries=done, seconds=round(time.perf_counter() - start, 2),
+                   loadavg_after=load_average())
       del calls, inputs
       if save and self.path:
         self.save()
@@ -418,8 +491,12 @@ class LatencyTable:
     return done
 
   def grid_values(self, config: UnitConfig, c_in_grid: Sequence[int],
-                  c_out_grid: Sequence[int]) -> np.ndarray:
-    """Measured ms on the grid, shape [len(c_in_grid), len(c_out_grid)] (depthwise: [n])."""
+                  c_out_grid: Sequence[int], path: Optional[str] = None) -> np.ndarray:
+    """Measured ms on the grid, shape [len(c_in_grid), len(c_out_grid)] (depthwise: [n]).
+
+    With ``path`` ('xla' or 'ynn'), entries compiled to the other execution path read 0: the
+    two grids sum to the full one and interpolate separately (see ``execution_path``).
+    """
     if config.depthwise:
       pairs = [(c, c) for c in c_in_grid]
       shape: tuple[int, ...] = (len(c_in_grid),)
@@ -427,6 +504,9 @@ class LatencyTable:
       pairs = [(ci, co) for ci in c_in_grid for co in c_out_grid]
       shape = (len(c_in_grid), len(c_out_grid))
     values = [self.get(config, ci, co) for ci, co in pairs]
+    if path is not None:
+      values = [v if v is None or self.path_of(config, ci, co) == path else 0.0
+                for v, (ci, co) in zip(values, pairs)]
     missing = [p for p, v in zip(pairs, values) if v is None]
     if missing:
       raise TableError(

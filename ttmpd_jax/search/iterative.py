@@ -148,9 +148,11 @@ def iterative_prune(method: str, *, spec: ModelSpec, variables: Mapping[str, Any
       scores = make_scorer(config.importance, model, groups, data, seed=config.seed + k)(current)
       cands = make_candidates(groups, widths, predict_ms, delta, config.round_to)
       if not cands:
-        message = (f'latency target unreachable: every group is at its minimum '
-                   f'(round_to={config.round_to}); stopping at {current_ms:.2f} ms predicted '
-                   f'= {current_ms / l0:.3f} of the teacher')
+        message = (f'latency target unreachable: no channel group can save a tenth of the '
+                   f'requested {delta:.2f} ms any more (groups at their minimum with '
+                   f'round_to={config.round_to}, or savings below what the latency table '
+                   f'resolves); stopping at the best reachable, {current_ms:.2f} ms predicted = '
+                   f'{current_ms / l0:.3f} of the teacher')
         break
       masks = [masks_remove_lowest(scores, groups, {c.group: c.removed}) for c in cands]
       evaluate = make_candidate_evaluator(model, groups, data)
