@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -109,9 +110,24 @@ def test_structure_resnet8_groups_and_producers():
   assert ('stem', 'stage1_block0/conv2') in groups
   assert ('stage2_block0/conv2', 'stage2_block0/shortcut') in groups
   assert not any('head' in g for g in groups)
+  assert not any(u.config.pool for u in s.units)  # Residual joins end every ResNet unit.
   vgg = ModelStructure.from_spec(SPECS[1], (16, 16, 1), 2)
-  fc1 = [u for u in vgg.units if u.path == 'fc1'][0]
-  assert fc1.in_factor == 16 and fc1.c_in_full == 16 * 16  # flatten of 4x4x16
+  by_path = {u.path: u for u in vgg.units}
+  assert by_path['fc1'].in_factor == 16 and by_path['fc1'].c_in_full == 16 * 16  # 4x4x16 flat
+  assert by_path['conv0'].config.pool[:3] == ('max', (1, 2, 2, 1), (1, 2, 2, 1))
+  mobilenet = ModelStructure.from_spec(SPECS[2], (16, 16, 1), 2)
+  assert [u.path for u in mobilenet.units if u.config.pool] == ['last']
+  assert mobilenet.units[-2].config.pool == ('mean',)
+
+
+@pytest.mark.parametrize('pool', [('max', (1, 2, 2, 1), (1, 2, 2, 1), ((0, 0),) * 4), ('mean',)])
+def test_unit_function_includes_following_pool(pool):
+  config = UnitConfig('conv', 2, (8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), batchnorm=True,
+                      pool=pool)
+  args = table_lib.unit_arguments(config, 4, 6, np.random.default_rng(0))
+  out = table_lib.unit_function(config)(*args)
+  assert out.shape == ((2, 4, 4, 6) if pool[0] == 'max' else (2, 6))
+  assert config.key() != dataclasses.replace(config, pool=()).key()
 
 
 def test_channel_grid():

@@ -12,10 +12,12 @@ MARKERS = {'ttmpd': ('*', 'tab:red'), 'netadapt': ('s', 'tab:blue'),
 
 def plot_tradeoff(runs: Sequence[Mapping[str, Any]], path: str,
                   title: Optional[str] = None) -> str:
-  """Accuracy vs measured latency, one marker per method (and KD mode), one panel per dataset.
+  """Accuracy vs measured latency ratio, one marker per method (and KD mode), one panel per dataset.
 
-  TT-MPD's iteration trajectory (predicted latency, accuracy after each short-term fine-tuning
-  on a test subset) is drawn as a line when the runs carry it. Written atomically (PNG).
+  The x axis is each model's latency divided by the teacher's, both measured in the same
+  interleaved timing run: robust to machine load, unlike raw milliseconds. TT-MPD's iteration
+  trajectory (predicted ratio, accuracy after each short-term fine-tuning on a test subset) is
+  drawn as a line when the runs carry it. Written atomically (PNG).
   """
   import os
   import tempfile
@@ -32,20 +34,19 @@ def plot_tradeoff(runs: Sequence[Mapping[str, Any]], path: str,
       label = run['method'] if run['method'].startswith('teacher') else \
           f'{run["method"]} ({run["kd"]} KD)'
       face = color if run.get('kd', 'cached') == 'cached' else 'none'
-      ax.scatter(run['latency_ms_measured'], 100 * run['accuracy'], marker=marker, s=110,
+      ax.scatter(run['latency_ratio'], 100 * run['accuracy'], marker=marker, s=110,
                  facecolors=face, edgecolors=color, label=label, zorder=3)
       traj = [p for p in run.get('trajectory') or [] if p.get('accuracy_short_term') is not None]
       if run['method'] == 'ttmpd' and len(traj) > 1:
-        scale = run['latency_ms_teacher_measured']
-        ax.plot([p['latency_ratio_predicted'] * scale for p in traj],
+        ax.plot([p['latency_ratio_predicted'] for p in traj],
                 [100 * p['accuracy_short_term'] for p in traj], '--', color=color, alpha=0.6,
                 marker='.', label=f'ttmpd trajectory ({run["kd"]}; predicted latency, '
                 'short-term FT)')
-    target = next((r['latency_target'] * r['latency_ms_teacher_measured'] for r in runs
+    target = next((r['latency_target'] for r in runs
                    if r['dataset'] == dataset and r['latency_target'] < 1), None)
     if target:
       ax.axvline(target, color='gray', lw=0.8, ls=':', label='latency target')
-    ax.set_xlabel('measured latency (ms per batch)')
+    ax.set_xlabel('measured latency / teacher latency')
     ax.set_ylabel('accuracy on the shifted test set (%)')
     ax.set_title(dataset)
     ax.grid(alpha=0.3)

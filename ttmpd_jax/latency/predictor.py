@@ -14,6 +14,14 @@ call (YNNPACK) differently inside the model, so in-model units differ from isola
 factor that the scale absorbs on average (the remaining per-architecture differences are the
 model's error; see bench/bench_latency.py).
 
+Known limitation (measured on XLA:CPU, jax 0.10): XLA hands a whole connected region of
+"YNNPACK-eligible" layers to one YNNPACK fusion, and whether a residual join falls inside that
+region depends on the widths of the layers *after* it (e.g. ResNet-8 stage 2 convolutions with
+8 input channels stay on XLA's path, with 12+ they go to YNNPACK and pull stage 1's 28x28 join
+into the fusion). Such switches change the end-to-end latency by up to ~25% in steps that no sum
+of independently measured units reproduces; they are the bulk of the remaining error in
+``bench/bench_latency.py`` (rankings stay right: Spearman ~0.9+).
+
 ``predict`` is pure Python/NumPy over memoised per-unit interpolations: no tracing, no
 compilation, typically 10-100 microseconds, so the search can call it for every candidate.
 """

@@ -1,10 +1,10 @@
 """The latency *units* of a model and how a width spec determines each unit's channel counts.
 
-A **unit** is one Conv (plus the BatchNorm that directly follows it, if any, plus an elementwise
-activation, plus the max/average pooling that directly follows, if any) or one Dense (plus bias
-and activation). The unit's cost grows with its input and
-output channels; everything else (residual adds after the first fused elementwise op, pooling,
-reshapes, dispatch) is the *non-prunable rest* that the predictor absorbs in a fitted constant.
+A **unit** is one Conv (plus the BatchNorm that directly follows it, if any, plus the residual
+add it feeds, if any, plus an elementwise activation, plus the max/average pooling that directly
+follows it, if any) or one Dense (plus bias and activation). The unit's cost grows with its input and output channels; everything else
+(pooling after a residual join, reshapes, dispatch) is the *non-prunable rest*
+that the predictor absorbs in its fitted scale and constant.
 
 The structure is analysed once per architecture family, without compiling anything:
 
@@ -63,6 +63,9 @@ class UnitConfig:
       (global average). Part of the unit because XLA:CPU fuses it with the convolution
       (YNNPACK then never writes the full-resolution output): measured without it, such a unit
       costs up to twice what it costs inside the model.
+    residual: the conv's BatchNorm output is added to another activation (a residual join)
+      before the activation; the unit then reads that second tensor too, as XLA's fused
+      BatchNorm-add-ReLU loop does inside the model.
   """
 
   kind: str
@@ -77,6 +80,13 @@ class UnitConfig:
   bias: bool = False
   dtype: str = 'float32'
   pool: tuple = ()
+  residual: bool = False
+
+  @property
+  def out_spatial(self) -> tuple[int, ...]:
+    """Output spatial size of the conv (before any pooling)."""
+    return tuple((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in
+                 zip(self.in_spatial, self.padding, self.kernel, self.strides))
 
   def key(self) -> str:
     """A stable, human-readable string key (used in the table file)."""
@@ -96,6 +106,8 @@ class UnitConfig:
         key += f'|maxpool{dims(window)}s{dims(strides)}p{pool_pad}'
       else:
         key += f'|{self.pool[0]}pool'
+    if self.residual:
+      key += '|residual'
     return key
 
 
@@ -256,7 +268,7 @@ class ModelStructure:
           consumers.setdefault(id(v), []).append(eqn)
 
     def following_pool(var) -> tuple:
-      """Pooling reached from ``var`` through elementwise ops only (no layer, no residual)."""
+      """Pooling reached from ``var`` through elementwise ops only (no layer, no join)."""
       shape = tuple(var.aval.shape)
       frontier, seen, steps = [var], set(), 0
       while frontier and steps < 64:
@@ -276,9 +288,20 @@ class ModelStructure:
           others = [x for x in eqn.invars if not isinstance(x, jex_core.Literal) and x is not v
                     and tuple(getattr(x.aval, 'shape', ())) == shape]
           if others or len(eqn.outvars) != 1 or tuple(eqn.outvars[0].aval.shape) != shape:
-            continue  # A residual join or a shape change: the unit ends here.
+            continue  # A join with another activation, or a shape change: the unit ends here.
           frontier.append(eqn.outvars[0])
       return ()
+
+    # Residual joins (adds of two activations): XLA fuses each into the elementwise loop of the
+    # producer that runs last, so that unit reads the second tensor.
+    joined: set[int] = set()
+    for eqn in jaxpr.eqns:
+      live = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+      if (eqn.primitive.name in ('add', 'add_any') and len(live) == 2
+          and len(live[0].aval.shape) >= 3 and live[0].aval.shape == live[1].aval.shape):
+        producers = producers_of(live[0]) + producers_of(live[1])
+        if producers:
+          joined.add(max(producers))
 
     output_producers = set()
     for out in jaxpr.outvars:
@@ -307,7 +330,7 @@ class ModelStructure:
                             tuple(info.kernel_size), tuple(info.strides), padding,
                             1 if depthwise else int(info.groups), depthwise,
                             path in bn_after, bool(info.use_bias), str(dtype),
-                            following_pool(eqn.outvars[0]))
+                            following_pool(eqn.outvars[0]), index in joined)
       else:
         rows = int(np.prod(info.input_shape[:-1]))
         config = UnitConfig('dense', rows, bias=bool(info.use_bias), dtype=str(dtype))

@@ -3,8 +3,8 @@
 Entries are keyed by ``(UnitConfig, c_in, c_out)``: batch, input spatial size, kernel, stride,
 padding, groups, BatchNorm/bias, following pooling, dtype, channels. They are measured with the
 protocol of ``latency.protocol`` on a jit-compiled stand-alone unit (conv -> BatchNorm in
-inference form, exactly the ops Flax emits -> ReLU -> the model's pooling if one follows; or
-dense -> bias -> ReLU).
+inference form, exactly the ops Flax emits -> + residual input if the model adds one -> ReLU ->
+the model's pooling if one follows; or dense -> bias -> ReLU).
 
 The file (JSON, written atomically: temp file + ``os.replace``) carries a **device key**
 (device kind, platform, JAX/jaxlib versions, CPU model and core count on CPU hosts). A table whose
@@ -142,8 +142,10 @@ def unit_function(config: UnitConfig) -> Callable:
     if config.bias:
       y = y + rest.pop(0)
     if config.batchnorm:  # Flax BatchNorm in inference mode, op for op.
-      mean, var, scale, bias = rest
+      mean, var, scale, bias = rest[:4]
       y = (y - mean) * (lax.rsqrt(var + BN_EPSILON) * scale) + bias
+    if config.residual:
+      y = y + rest[-1]
     y = jax.nn.relu(y)
     if config.pool and config.pool[0] == 'max':
       _, window, strides, padding = config.pool
@@ -180,6 +182,8 @@ def unit_arguments(config: UnitConfig, c_in: int, c_out: int, rng: np.random.Gen
   if config.batchnorm:
     args += [normal(c_out), jax.device_put(jnp.ones((c_out,), dtype)), normal(c_out),
              normal(c_out)]
+  if config.residual:
+    args.append(normal(config.batch, *config.out_spatial, c_out))
   return tuple(args)
 
 
