@@ -33,7 +33,8 @@ flags.DEFINE_list('kd_modes', ['cached'], 'KD modes compared by --mode=benchmark
 flags.DEFINE_float('latency_target', 0.5, 'Target latency as a fraction of the teacher\'s.')
 flags.DEFINE_float('r0', 0.1, 'First iteration asks for a saving of r0 * L0.')
 flags.DEFINE_float('decay', 0.96, 'Per-iteration decay of the requested saving.')
-flags.DEFINE_integer('round_to', 4, 'Kept channel counts are multiples of this.')
+flags.DEFINE_integer('round_to', 4, 'Kept channel counts are multiples of this (the latency '
+                     'table grid follows it unless --latency_round_to is given).')
 flags.DEFINE_integer('max_iterations', 40, 'Safety stop of the iterative search.')
 flags.DEFINE_float('finetune_fraction', 0.1, 'Fine-tuning subset S: a fraction of the shifted '
                    'test set, or a sample count when > 1.')
@@ -141,6 +142,10 @@ def run(ctx: common.Context, mode: str) -> None:
   for method in methods:
     check_method(method)
   configs = {kd: search_config(kd) for kd in kd_modes}  # Validates budgets before any work.
+  if not FLAGS['latency_round_to'].present and FLAGS.latency_round_to > FLAGS.round_to:
+    # The table is flat below its smallest grid point: with a coarser grid than the pruning step,
+    # the last channels of a group would look free to keep and the search would over-prune.
+    FLAGS.latency_round_to = FLAGS.round_to
   source = ctx.source_model()
   image_shape = tuple(source.meta.image_shape)
   source_rows = None
