@@ -17,6 +17,7 @@ from typing import Any, Optional
 from absl import flags
 
 from ttmpd_jax import checkpoint, train
+from ttmpd_jax.fileio import write_json_atomic
 from ttmpd_jax.data import datasets, fashion_mnist
 from ttmpd_jax.errors import UserError
 from ttmpd_jax.models import MODEL_NAMES, ModelSpec, build_model
@@ -105,29 +106,6 @@ def ensure_writable_dir(path: str, flag: str = '--output_dir') -> str:
   except OSError as e:
     raise UserError(f'{flag}={path} is not a writable directory ({e.strerror or e})') from e
   return path
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-  """Writes JSON via a temporary file and a rename: readers never see half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix='.json')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _json_default(obj):
-  if hasattr(obj, 'item'):
-    return obj.item()
-  if hasattr(obj, 'tolist'):
-    return obj.tolist()
-  raise TypeError(f'not JSON serialisable: {type(obj)}')
 
 
 def format_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttmpd_jax.fileio import write_json_atomic
 from ttmpd_jax import checkpoint, train as train_lib
 from ttmpd_jax.data import pipeline
 from ttmpd_jax.data.datasets import Dataset
@@ -306,20 +306,6 @@ def plot_accuracy_vs_sparsity(runs: Sequence[Mapping[str, Any]], path: str,
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-  """JSON through a temporary file and a rename, so readers never see half a report."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix='.json')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(data, f, indent=2)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def format_summary(summary: Sequence[Mapping[str, Any]]) -> str:

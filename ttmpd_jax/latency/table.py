@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import platform as py_platform
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ttmpd_jax.fileio import write_json_atomic
 from ttmpd_jax.errors import UserError
 from ttmpd_jax.latency import protocol
 from ttmpd_jax.latency.structure import UnitConfig
@@ -382,26 +382,15 @@ class LatencyTable:
     path = os.path.abspath(path or self.path or '')
     if not path or path == os.path.abspath(''):
       raise ValueError('LatencyTable.save: no path')
-    directory = os.path.dirname(path)
-    try:
-      os.makedirs(directory, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_latency_', suffix='.json')
-    except OSError as e:
-      raise TableError(f'cannot write latency table {path}: {e.strerror or e}') from e
     data = {'format': FORMAT, 'version': FORMAT_VERSION, 'key': self.key,
             'updated': _utc_now(),
             'builds': self.builds,
             'entries': dict(sorted(self.entries.items())),
             'end_to_end': dict(sorted(self.end_to_end.items()))}
     try:
-      with os.fdopen(fd, 'w') as f:
-        json.dump(data, f, indent=1)
-        f.write('\n')
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+      write_json_atomic(path, data, indent=1)
+    except OSError as e:
+      raise TableError(f'cannot write latency table {path}: {e.strerror or e}') from e
     self.path = path
     return path
 
