@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 from absl import flags
 
 from launch import common
-from ttmpd_jax import checkpoint, train
+from ttmpd_jax import train
 from ttmpd_jax.models import build_model
 from ttmpd_jax.models.inspect import count_flops_and_params
 

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from ttmpd_jax import parallel
 from ttmpd_jax.data import pipeline

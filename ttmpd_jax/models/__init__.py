@@ -7,7 +7,7 @@ variables, so any pruned model can be rebuilt: ``build_model(spec)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import flax.linen as nn
 

@@ -236,7 +236,6 @@ class _Tracer:
 
   def equation(self, eqn, ins: list[list[AxisAtoms]], layer: str) -> list[list[AxisAtoms]]:
     p = eqn.primitive.name
-    params = eqn.params
     in_shapes = [tuple(v.aval.shape) for v in eqn.invars]
     out_shapes = [tuple(getattr(v.aval, 'shape', ())) for v in eqn.outvars]
     where = f"primitive '{p}' in layer '{layer or '<top level>'}'"

@@ -17,7 +17,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ttmpd_jax.distill import bn_adapt, finetune as finetune_lib

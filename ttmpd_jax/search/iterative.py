@@ -22,7 +22,6 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ttmpd_jax.latency.compilations import CompilationCounter

@@ -6,7 +6,7 @@ harness fine-tunes it (long-term KD) with the same budget as everyone else.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
