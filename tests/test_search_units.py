@@ -74,6 +74,16 @@ def test_uniform_and_knapsack_meet_the_target():
   assert not reached
 
 
+def test_knapsack_jumps_over_a_locally_slower_width():
+  # 16 -> 12 channels of 'a' is slower (misaligned), 16 -> 8 is faster: the knapsack must find it.
+  def predict(widths):
+    a = widths.get('a', 16)
+    return 10.0 + (20.0 if a == 12 else a) + 3.0 * widths.get('b', 32)
+  scores = {'a': np.full(16, 0.01), 'b': np.ones(32)}
+  counts, reached = oneshot.knapsack_counts(GROUPS, scores, {'a': 16, 'b': 32}, predict, 120.0, 4)
+  assert reached and counts['a'] <= 8 and counts['b'] == 32
+
+
 def test_linear_accuracy_model_recovers_coefficients_and_ranks():
   rng = np.random.default_rng(0)
   v1, v2 = rng.uniform(0.3, 1.0, 12), rng.uniform(0.0, 2.0, 12)

@@ -56,7 +56,8 @@ def knapsack_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndar
   the latency budget). We solve it greedily: starting from the full network, repeatedly drop
   the step of ``round_to`` lowest-importance channels (of any group) that loses the least
   importance per millisecond saved, until the predicted latency meets ``target_ms``. Scores are
-  normalised per network (divided by their global sum) so groups compare.
+  normalised per network (divided by their global sum) so groups compare. Each step may jump
+  several multiples of ``round_to`` (see the loop for why).
   """
   prunable = _prunable(groups)
   total = sum(float(np.sum(scores[g.name])) for g in prunable) or 1.0
@@ -66,22 +67,22 @@ def knapsack_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndar
   while current > target_ms:
     best, best_ratio, best_ms = None, np.inf, current
     for g in prunable:
-      smaller = keep_counts(counts[g.name], round_to)
-      if not smaller:
-        continue
-      keep = smaller[0]
-      trial = dict(counts)
-      trial[g.name] = keep
-      ms = predict_ms(_widths_for(trial, groups, base_widths))
-      saving = current - ms
-      if saving <= 0:
-        continue
-      # Importance of the channels this step removes: the lowest of those still kept
-      # (ascending order; the first ``size - counts`` are already gone).
-      lost = float(np.sum(sorted_scores[g.name][g.size - counts[g.name]:g.size - keep]))
-      ratio = lost / saving
-      if ratio < best_ratio:
-        best, best_ratio, best_ms = (g.name, keep), ratio, ms
+      # Every smaller admissible size, not just the next one: measured latency is not monotone
+      # in the channel count (e.g. multiples of 8 run faster on CPU), so one step can cost time
+      # while two steps save it; a one-step greedy gets stuck there.
+      for keep in keep_counts(counts[g.name], round_to):
+        trial = dict(counts)
+        trial[g.name] = keep
+        ms = predict_ms(_widths_for(trial, groups, base_widths))
+        saving = current - ms
+        if saving <= 0:
+          continue
+        # Importance of the channels this step removes: the lowest of those still kept
+        # (ascending order; the first ``size - counts`` are already gone).
+        lost = float(np.sum(sorted_scores[g.name][g.size - counts[g.name]:g.size - keep]))
+        ratio = lost / saving
+        if ratio < best_ratio:
+          best, best_ratio, best_ms = (g.name, keep), ratio, ms
     if best is None:
       return counts, False
     counts[best[0]] = best[1]
