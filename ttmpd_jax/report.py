@@ -50,7 +50,7 @@ def plot_tradeoff(runs: Sequence[Mapping[str, Any]], path: str,
     ax.set_ylabel('accuracy on the shifted test set (%)')
     ax.set_title(dataset)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='lower right')
+    ax.legend(fontsize=7, loc='best')
   if title:
     fig.suptitle(title)
   fig.tight_layout()
