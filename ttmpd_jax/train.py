@@ -85,9 +85,20 @@ def accuracy(model: nn.Module, variables: Variables, dataset: Dataset, batch_siz
   return float(np.mean(logits.argmax(-1) == dataset.labels))
 
 
-def _fmt_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
+  """``125.3`` -> ``'2m05s'`` (progress lines)."""
   seconds = int(max(seconds, 0))
   return f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def step_budget(num_examples: int, batch_size: int, epochs: float,
+                mesh: jax.sharding.Mesh) -> tuple[int, int]:
+  """``(steps per epoch, total steps)`` of a drop-remainder schedule; checks the batch size."""
+  parallel.check_batch_divisible(batch_size, mesh)
+  steps_per_epoch = num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'--batch_size={batch_size} is larger than the training set ({num_examples})')
+  return steps_per_epoch, max(1, int(round(epochs * steps_per_epoch)))
 
 
 def pretrain(model: nn.Module, train_set: Dataset, *, epochs: float, batch_size: int,
@@ -97,11 +108,7 @@ def pretrain(model: nn.Module, train_set: Dataset, *, epochs: float, batch_size:
              print_fn: Callable[[str], None] = print) -> tuple[Variables, dict[str, Any]]:
   """Trains ``model`` from scratch on ``train_set``; returns variables and a summary dict."""
   mesh = mesh or parallel.make_mesh()
-  parallel.check_batch_divisible(batch_size, mesh)
-  steps_per_epoch = len(train_set) // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'--batch_size={batch_size} is larger than the training set ({len(train_set)})')
-  total_steps = max(1, int(round(epochs * steps_per_epoch)))
+  steps_per_epoch, total_steps = step_budget(len(train_set), batch_size, epochs, mesh)
   optimizer = sgd_cosine(learning_rate, total_steps, weight_decay,
                          warmup_steps=min(100, total_steps // 10))
   variables = parallel.replicate(init_variables(model, train_set.image_shape, seed), mesh)
@@ -127,8 +134,8 @@ def pretrain(model: nn.Module, train_set: Dataset, *, epochs: float, batch_size:
       elapsed = time.time() - start
       rate = step / elapsed
       print_fn(f'pretrain step {step}/{total_steps}  epoch {step / steps_per_epoch:.2f}  '
-               f'loss {losses[-1]:.4f}  {rate:.2f} steps/s  elapsed {_fmt_seconds(elapsed)}  '
-               f'ETA {_fmt_seconds((total_steps - step) / rate)}')
+               f'loss {losses[-1]:.4f}  {rate:.2f} steps/s  elapsed {format_seconds(elapsed)}  '
+               f'ETA {format_seconds((total_steps - step) / rate)}')
   summary: dict[str, Any] = {'steps': total_steps, 'train_time_s': time.time() - start,
                              'final_loss': losses[-1] if losses else float('nan')}
   if validation_set is not None and len(validation_set):

@@ -44,6 +44,7 @@ from ttmpd_jax.data.datasets import Dataset
 from ttmpd_jax.distill import cache as cache_lib
 from ttmpd_jax.distill.losses import kd_loss
 from ttmpd_jax.errors import UserError
+from ttmpd_jax.train import format_seconds
 
 Variables = dict[str, Any]
 # (variables, aux) -> variables; pure and jit-traceable. ``aux`` is e.g. a pytree of masks.
@@ -185,11 +186,6 @@ def batch_positions(step: int, n: int, batch_size: int, seed: int) -> np.ndarray
   epoch, within = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(n)
   return order[within * batch_size:(within + 1) * batch_size]
-
-
-def _fmt_seconds(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
 def _restore_or_none(manager: ocp.CheckpointManager, abstract_state: KDState,
@@ -352,7 +348,7 @@ def finetune(model: nn.Module, variables: Mapping[str, Any], dataset: Dataset, *
         rate = (done - start_step) / max(elapsed, 1e-9)
         print_fn(f'{label} step {done}/{steps}  loss {float(metrics["loss"]):.4f}  '
                  f'agreement {float(metrics["agreement"]):.3f}  {rate:.2f} steps/s  '
-                 f'elapsed {_fmt_seconds(elapsed)}  ETA {_fmt_seconds((steps - done) / rate)}')
+                 f'elapsed {format_seconds(elapsed)}  ETA {format_seconds((steps - done) / rate)}')
   finally:
     if manager is not None:
       manager.wait_until_finished()

@@ -121,11 +121,7 @@ def train_masked(model: nn.Module, variables: Variables, masks: Any, train_set: 
     Trained variables (host arrays; pruned weights exactly zero) and a summary dict.
   """
   mesh = mesh or parallel.make_mesh()
-  parallel.check_batch_divisible(batch_size, mesh)
-  steps_per_epoch = len(train_set) // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'batch_size={batch_size} is larger than the training set ({len(train_set)})')
-  total_steps = max(1, int(round(epochs * steps_per_epoch)))
+  steps_per_epoch, total_steps = train_lib.step_budget(len(train_set), batch_size, epochs, mesh)
   if warmup_steps is None:
     warmup_steps = min(100, total_steps // 10)
   opt_config = OptimizerConfig(float(learning_rate), total_steps, float(weight_decay),
