@@ -10,10 +10,11 @@ One self-contained command (a few minutes on 2 CPU cores)::
 2. Builds the table of a second, structurally different model (default: VGG-small: no
    residuals, flatten into a Dense layer) in the same table.
 3. Calibrates each predictor (full model + 3 uniformly pruned architectures).
-4. Measures random pruned architectures of both models afresh (default 12 + 12, including
+4. Measures random pruned architectures of both models afresh (default 20 + 20, including
    channel counts off the table grid, so interpolation is exercised) and prints predicted vs
    measured latency, MAPE (goal <= 10%) and Spearman rank correlation (goal >= 0.9), per model
-   and pooled.
+   and pooled; then measures them all once more, so the run-to-run measurement noise (the
+   floor no predictor can beat) is printed beside the errors.
 5. Times ``predict`` (goal: far below a millisecond, no compilation).
 
 The machine load (``/proc/loadavg``) is printed before and after: CPU timings on a shared
@@ -57,7 +58,7 @@ def main() -> None:
   parser.add_argument('--models', default='resnet8,vgg_small',
                       help=f'comma-separated, from {",".join(MODELS)}; the first one is timed '
                       'as the quickstart table build')
-  parser.add_argument('--archs', type=int, default=12, help='random architectures per model')
+  parser.add_argument('--archs', type=int, default=20, help='random architectures per model')
   parser.add_argument('--batch', type=int, default=256)
   parser.add_argument('--round_to', type=int, default=8, help='table grid step')
   parser.add_argument('--arch_round_to', type=int, default=4,
@@ -84,6 +85,7 @@ def main() -> None:
 
   names = [m.strip() for m in args.models.split(',') if m.strip()]
   results: dict[str, Validation] = {}
+  noise: dict[str, Validation] = {}
   for index, name in enumerate(names):
     spec = MODELS[name]
     print(f'\n== {name} {dict(spec.kwargs)}  input [{args.batch}, 28, 28, 1] float32')
@@ -122,6 +124,10 @@ def main() -> None:
     for i, (p, m) in enumerate(zip(result.predicted_ms, result.measured_ms)):
       print(f'  {i:4d}  {p:12.2f}  {m:11.2f}  {100 * (p - m) / m:+6.1f}%')
     print(f'  {name}: {result.summary()}')
+    again = predictor.measure_end_to_end(archs, args.repeats, use_cache=False, group=16)
+    noise[name] = Validation(tuple(again), result.measured_ms)
+    print(f'  measurement noise (the same architectures measured again vs the first time): '
+          f'MAPE {noise[name].mape:.2f}%  Spearman {noise[name].spearman:.3f}')
     if args.recalibrate:  # The other calibration fits, on exactly the same measurements.
       points = c.points
       for fit in FITS:
@@ -154,7 +160,9 @@ def main() -> None:
   pooled = Validation(tuple(pooled_p), tuple(pooled_m))
   print('\n== summary')
   for name, r in results.items():
-    print(f'  {name:12s} MAPE {r.mape:6.2f}%  Spearman {r.spearman:.3f}  (n={len(r.measured_ms)})')
+    print(f'  {name:12s} MAPE {r.mape:6.2f}%  Spearman {r.spearman:.3f}  (n={len(r.measured_ms)})'
+          f'   measurement noise: MAPE {noise[name].mape:.2f}%  Spearman '
+          f'{noise[name].spearman:.3f}')
   print(f'  {"pooled":12s} MAPE {pooled.mape:6.2f}%  Spearman {pooled.spearman:.3f}  '
         f'(n={len(pooled_m)})   goals: MAPE <= 10%, Spearman >= 0.9')
   print(f'load average at end: {loadavg()}; total {time.perf_counter() - start_all:.0f} s')

@@ -199,13 +199,26 @@ def test_table_key_mismatch_is_refused(tmp_path):
   table.entries[table_lib.entry_key(TINY, 4, 4)] = {'ms': 1.0, 'iqr_ms': 0.0, 'n': 3}
   table.save()
   other = dict(FAKE_KEY, jax_version='9.9')
-  with pytest.raises(TableError, match='different device or JAX version'):
+  with pytest.raises(TableError, match='different device, JAX version or XLA flags'):
     LatencyTable.open(path, key=other)
   with pytest.raises(TableError, match='cpu_model'):
     LatencyTable.open(path, key=dict(FAKE_KEY, cpu_model='other'))
+  with pytest.raises(TableError, match='xla_flags'):  # Other compiler flags: other code.
+    LatencyTable.open(path, key=dict(FAKE_KEY, xla_flags='--xla_cpu_experimental_ynn_fusion_type='))
   # The default location is per device key, so another device never even finds this file.
   assert (table_lib.default_table_path(str(tmp_path), FAKE_KEY)
           != table_lib.default_table_path(str(tmp_path), other))
+
+
+def test_device_key_includes_codegen_flags_only(monkeypatch):
+  assert table_lib.codegen_flags('--xla_force_host_platform_device_count=8') == ''
+  assert (table_lib.codegen_flags('--xla_cpu_experimental_ynn_fusion_type= '
+                                  '--xla_force_host_platform_device_count=8 --xla_a=1')
+          == '--xla_a=1 --xla_cpu_experimental_ynn_fusion_type=')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  assert 'xla_flags' not in table_lib.device_key()
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
+  assert table_lib.device_key()['xla_flags'] == '--xla_cpu_experimental_ynn_fusion_type='
 
 
 @pytest.mark.parametrize('content', [

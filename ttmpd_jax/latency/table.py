@@ -60,7 +60,11 @@ def device_key(device: Optional[jax.Device] = None) -> dict[str, Any]:
   """What a table's numbers depend on. Two tables are interchangeable only if keys are equal.
 
   Design choice: on CPU the device kind is just 'cpu', so the CPU model name and the number of
-  cores this process may use are part of the key.
+  cores this process may use are part of the key. XLA compiler flags (``XLA_FLAGS``) change
+  code generation (e.g. ``--xla_cpu_experimental_ynn_fusion_type=`` turns off the YNNPACK
+  fusions, which changes CPU latencies by up to 2x), so they are part of the key when set;
+  ``--xla_force_host_platform_device_count`` only splits the host into virtual devices and
+  is left out.
   """
   device = device or jax.devices()[0]
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -71,7 +75,20 @@ def device_key(device: Optional[jax.Device] = None) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     key['cpu_model'] = _cpu_model()
     key['cpu_cores'] = int(cores or 1)
+  flags = codegen_flags()
+  if flags:
+    key['xla_flags'] = flags
   return key
+
+
+_KEYLESS_FLAGS = ('--xla_force_host_platform_device_count',)
+
+
+def codegen_flags(xla_flags: Optional[str] = None) -> str:
+  """The ``XLA_FLAGS`` that can change compiled code, sorted and space-joined ('' if none)."""
+  text = os.environ.get('XLA_FLAGS', '') if xla_flags is None else xla_flags
+  flags = [f for f in text.split() if not f.startswith(_KEYLESS_FLAGS)]
+  return ' '.join(sorted(flags))
 
 
 def _slug(text: str) -> str:
@@ -345,7 +362,7 @@ class LatencyTable:
       return cls(key, path, log=log)
     if data['key'] != key:
       raise TableError(
-          f'latency table {path} was measured on a different device or JAX version and is '
+          f'latency table {path} was measured on a different device, JAX version or XLA flags and is '
           f'refused.\n  table:   {describe_key(data["key"])}\n  current: {describe_key(key)}\n'
           f'Pass a table built on this device, or delete the file to rebuild it here.')
     builds = data.get('builds', [])
