@@ -9,7 +9,7 @@ One self-contained command (a few minutes on 2 CPU cores)::
    2 cores), then builds it again (goal: nothing new measured).
 2. Builds the table of a second, structurally different model (default: VGG-small: no
    residuals, flatten into a Dense layer) in the same table.
-3. Calibrates each predictor (full model + 3 uniformly pruned architectures).
+3. Calibrates each predictor (full model, 3 uniformly and 6 randomly pruned architectures).
 4. Measures random pruned architectures of both models afresh (default 20 + 20, including
    channel counts off the table grid, so interpolation is exercised) and prints predicted vs
    measured latency, MAPE (goal <= 10%) and Spearman rank correlation (goal >= 0.9), per model

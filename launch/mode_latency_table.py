@@ -39,9 +39,10 @@ flags.DEFINE_integer('latency_warmup', 1, 'Untimed calls per table entry after c
 flags.DEFINE_integer('latency_model_repeats', 15, 'Timed calls per end-to-end model measurement.')
 flags.DEFINE_string('latency_cache_dir', os.environ.get('TTMPD_CACHE_DIR', '~/.cache/ttmpd_jax'),
                     'Cache folder; the table lives in <dir>/latency/ (one file per device kind, '
-                    'platform and JAX version).')
+                    'platform, JAX version and XLA_FLAGS).')
 flags.DEFINE_string('latency_table', None, 'Explicit latency table file (overrides '
-                    '--latency_cache_dir). Refused if measured on another device/JAX version.')
+                    '--latency_cache_dir). Refused if measured on another device, JAX version '
+                    'or XLA_FLAGS.')
 flags.DEFINE_enum('latency_on_corrupt', 'rebuild', ['rebuild', 'error'],
                   'What to do with a corrupted table file: move it aside and rebuild, or stop.')
 flags.DEFINE_enum('latency_fit', 'affine', list(FITS),

@@ -204,7 +204,8 @@ def test_table_key_mismatch_is_refused(tmp_path):
   with pytest.raises(TableError, match='cpu_model'):
     LatencyTable.open(path, key=dict(FAKE_KEY, cpu_model='other'))
   with pytest.raises(TableError, match='xla_flags'):  # Other compiler flags: other code.
-    LatencyTable.open(path, key=dict(FAKE_KEY, xla_flags='--xla_cpu_experimental_ynn_fusion_type='))
+    LatencyTable.open(path, key=dict(FAKE_KEY,
+                                     xla_flags='--xla_cpu_experimental_ynn_fusion_type='))
   # The default location is per device key, so another device never even finds this file.
   assert (table_lib.default_table_path(str(tmp_path), FAKE_KEY)
           != table_lib.default_table_path(str(tmp_path), other))

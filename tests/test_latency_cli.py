@@ -38,7 +38,8 @@ def test_latency_table_mode_builds_then_reuses(tmp_path):
   foreign.write_text(json.dumps(data))
   result = run_main(*SMALL, f'--output_dir={tmp_path / "out2"}', f'--latency_table={foreign}',
                     '--latency_validate=0')
-  assert_user_error(result, str(foreign), 'different device, JAX version or XLA flags', 'jax_version=0.0.1')
+  assert_user_error(result, str(foreign), 'different device, JAX version or XLA flags',
+                    'jax_version=0.0.1')
 
 
 @requires_fashion_mnist

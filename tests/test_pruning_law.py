@@ -81,6 +81,15 @@ def _zoo_removed(spec):
   return lambda v, x: jax.jit(build_model(spec.with_widths_of(v)).apply)(v, x)
 
 
+def _zoo_case(name, kwargs, image_shape, batch, seed):
+  """A zoo model with random variables, an input of ``batch`` images and its channel groups."""
+  spec = ModelSpec(name, 10, kwargs)
+  model = build_model(spec)
+  x = jax.random.normal(jax.random.key(seed), (batch, *image_shape))
+  variables = random_variables(model, x, seed=seed + 1)
+  return spec, model, x, variables, pruning.discover_groups(model, variables, x)
+
+
 ZOO = [
     # name, kwargs, image shape, number of random masks
     ('resnet8', {'base_width': 8}, (16, 16, 1), 4),
@@ -95,11 +104,7 @@ ZOO = [
 
 @pytest.mark.parametrize('name,kwargs,image_shape,trials', ZOO, ids=[z[0] for z in ZOO])
 def test_zoo_masked_equals_removed(name, kwargs, image_shape, trials):
-  spec = ModelSpec(name, 10, kwargs)
-  model = build_model(spec)
-  x = jax.random.normal(jax.random.key(1), (2, *image_shape))
-  variables = random_variables(model, x, seed=2)
-  groups = pruning.discover_groups(model, variables, x)
+  spec, model, x, variables, groups = _zoo_case(name, kwargs, image_shape, batch=2, seed=1)
   assert [g.name for g in groups if not g.prunable] == ['head']
   for trial in range(trials):
     masks = pruning.random_masks(trial, groups)
@@ -178,11 +183,7 @@ def test_masks_all_true_is_identity():
 @pytest.mark.slow
 @pytest.mark.parametrize('name,kwargs,image_shape,trials', ZOO, ids=[z[0] for z in ZOO])
 def test_zoo_law_heavy_sweep(name, kwargs, image_shape, trials):
-  spec = ModelSpec(name, 10, kwargs)
-  model = build_model(spec)
-  x = jax.random.normal(jax.random.key(11), (4, *image_shape))
-  variables = random_variables(model, x, seed=12)
-  groups = pruning.discover_groups(model, variables, x)
+  spec, model, x, variables, groups = _zoo_case(name, kwargs, image_shape, batch=4, seed=11)
   for trial in range(10 * trials):
     masks = pruning.random_masks(1000 + trial, groups)
     _check_law(model.apply, _zoo_removed(spec), variables, groups, masks, x)

@@ -6,7 +6,7 @@ measurements of a few calibration architectures. ``offset`` stands for the non-p
 (input handling, residual adds beyond the fused elementwise op, pooling, dispatch).
 
 Design choice: by default we fit both ``scale`` and ``offset`` by least squares in relative
-error over 6 calibration architectures (the full model, uniform keep ratios 0.75 / 0.5 / 0.3
+error over 10 calibration architectures (the full model, uniform keep ratios 0.75 / 0.5 / 0.3
 and six random prunings), constrained to ``offset >= 0`` (see :func:`fit_calibration`);
 ``fit='offset'`` keeps ``scale = 1`` (plain "sum + constant"). Isolated units are timed with their input hot in cache
 and without XLA's inter-op scheduling, and XLA:CPU fuses runs of convolutions into one library
@@ -20,7 +20,8 @@ region depends on the widths of the layers *after* it (e.g. ResNet-8 stage 2 con
 8 input channels stay on XLA's path, with 12+ they go to YNNPACK and pull stage 1's 28x28 join
 into the fusion). Such switches change the end-to-end latency by up to ~25% in steps that no sum
 of independently measured units reproduces; they are the bulk of the remaining error in
-``bench/bench_latency.py`` (rankings stay right: Spearman ~0.9+). A second context effect of
+``bench/bench_latency.py`` (MAPE 7-10%; Spearman 0.75-0.93 per model, so rankings of close
+architectures are not reliable on XLA:CPU). A second context effect of
 the same kind: the last ResNet-8 block (7x7, widths 64/64 -> 64/32) saves 2.3 ms when XLA fuses
 its join, ReLU and global pooling into one YNNPACK region with the classifier (8.4 -> 6.1 ms),
 but 5.9 ms (18.1 -> 12.2 ms, what the isolated units predict) when its output is materialised:

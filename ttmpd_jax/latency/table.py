@@ -362,8 +362,8 @@ class LatencyTable:
       return cls(key, path, log=log)
     if data['key'] != key:
       raise TableError(
-          f'latency table {path} was measured on a different device, JAX version or XLA flags and is '
-          f'refused.\n  table:   {describe_key(data["key"])}\n  current: {describe_key(key)}\n'
+          f'latency table {path} was measured on a different device, JAX version or XLA '
+          f'flags and is refused.\n  table:   {describe_key(data["key"])}\n  current: {describe_key(key)}\n'
           f'Pass a table built on this device, or delete the file to rebuild it here.')
     builds = data.get('builds', [])
     return cls(key, path, data['entries'], data['end_to_end'], log=log,
