@@ -1,29 +1,33 @@
-"""Latency model benchmark: table build time, incremental rebuild, prediction accuracy and speed.
+"""Latency model benchmark: build time, incremental rebuild, prediction accuracy, saving ranks.
 
-One self-contained command (a few minutes on 2 CPU cores)::
+One self-contained command (about 12 minutes on a quiet 2-core CPU)::
 
   python bench/bench_latency.py
 
-1. Builds the latency table of the quickstart model (ResNet-8, base width 16, Fashion-MNIST
-   28x28x1, batch 256) from scratch in a fresh cache folder and times it (goal: <= 2 min on
-   2 cores), then builds it again (goal: nothing new measured).
-2. Builds the table of a second, structurally different model (default: VGG-small: no
-   residuals, flatten into a Dense layer) in the same table.
-3. Calibrates each predictor (full model, 3 uniformly and 6 randomly pruned architectures).
-4. Measures random pruned architectures of both models afresh (default 20 + 20, including
-   channel counts off the table grid, so interpolation is exercised) and prints predicted vs
-   measured latency, MAPE (goal <= 10%) and Spearman rank correlation (goal >= 0.9), per model
-   and pooled; then measures them all once more, so the run-to-run measurement noise (the
-   floor no predictor can beat) is printed beside the errors.
-5. Times ``predict`` (goal: far below a millisecond, no compilation).
+Per model (``resnet8`` -- the quickstart model, ResNet-8 base width 16 --, ``vgg_small``,
+``mobilenetv2``, ``resnet20`` from the zoo, and ``branchy``, defined below, outside the zoo:
+a concatenation of a conv branch and a depthwise branch, a residual join, max pooling), input
+[256, 28, 28, 1] float32:
 
-The machine load (``/proc/loadavg``) is printed before and after: CPU timings on a shared
-machine are only meaningful when it is low.
+1. Builds the predictor from scratch in a fresh cache folder and times it (goal for the
+   quickstart model: <= 3 min on 2 cores), then builds it again (goal: nothing measured).
+2. Measures ``--archs`` random pruned architectures afresh (widths off the probe counts, so the
+   fit must interpolate) and compares with the prediction: MAPE (goal <= 8%), Spearman (goal
+   >= 0.9). Measures them all once more: the measurement-noise floor, printed beside.
+3. From one pruned network, the candidate of every prunable group (that group halved, nothing
+   else): predicted saving vs measured saving (both relative to the network, timed in the same
+   rounds), Spearman (goal >= 0.9), and its own noise floor (measured twice).
+4. Times ``predict`` (goal < 1 ms, no compilation).
+
+Writes ``bench/results/latency_validation_<platform>.json``. The CPU share other processes took
+during the measurements is recorded per model (``foreign_load``): CPU figures are only
+meaningful when it is low.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -31,18 +35,54 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-from ttmpd_jax.latency import (FITS, CompilationCounter, LatencyPredictor,  # noqa: E402
-                               LatencyTable, Validation, fit_calibration, random_architectures,
-                               validate)
-from ttmpd_jax.models import ModelSpec  # noqa: E402
+from ttmpd_jax.fileio import write_json_atomic  # noqa: E402
+from ttmpd_jax.latency import (CompilationCounter, LatencyPredictor, LatencyTable,  # noqa: E402
+                               Validation, random_architectures, validate)
+from ttmpd_jax.latency.structure import round_channels  # noqa: E402
+from ttmpd_jax.models import ModelSpec, build_model  # noqa: E402
+
+
+class Branchy(nn.Module):
+  """A model outside the zoo: concatenated conv / depthwise branches, residual join, pooling."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def conv_bn(y, features, kernel, name, strides=1, groups=1, act=True):
+      y = nn.Conv(features, kernel, strides=strides, feature_group_count=groups,
+                  use_bias=False, name=name)(y)
+      y = nn.BatchNorm(use_running_average=not train, name=name + '_bn')(y)
+      return nn.relu(y) if act else y
+    x = conv_bn(x, 16, (3, 3), 'stem')
+    a = conv_bn(x, 16, (3, 3), 'branch_a')
+    b = conv_bn(x, 24, (1, 1), 'branch_b')
+    b = conv_bn(b, b.shape[-1], (3, 3), 'branch_b_dw', groups=b.shape[-1])
+    y = conv_bn(jnp.concatenate([a, b], axis=-1), 16, (1, 1), 'merge', act=False)
+    x = nn.relu(x + y)
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = conv_bn(x, 32, (3, 3), 'down', strides=2)
+    x = conv_bn(x, 64, (3, 3), 'top')
+    return nn.Dense(10, name='head')(x.mean(axis=(1, 2)))
+
 
 MODELS = {
     'resnet8': ModelSpec('resnet8', 10, {'base_width': 16}),
-    'resnet20': ModelSpec('resnet20', 10, {'base_width': 16}),
     'vgg_small': ModelSpec('vgg_small', 10, {}),
     'mobilenetv2': ModelSpec('mobilenetv2', 10, {'width_multiplier': 0.25, 'small_input': True}),
+    'resnet20': ModelSpec('resnet20', 10, {'base_width': 16}),
+    'branchy': None,
 }
+
+
+def model_and_variables(name: str, image_shape):
+  model = Branchy() if MODELS[name] is None else build_model(MODELS[name])
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32), train=False))
+  return model, variables
 
 
 def loadavg() -> str:
@@ -53,120 +93,164 @@ def loadavg() -> str:
     return '?'
 
 
+def candidates(predictor: LatencyPredictor, base, round_to: int):
+  """Every prunable group of ``base`` halved alone (what one search step compares)."""
+  s = predictor.structure
+  kept = s.kept(base)
+  out = []
+  for g in s.prunable:
+    k = kept[g]
+    smaller = max(1, k // 2) if k <= round_to else round_channels(k * 0.5, k, round_to)
+    if smaller < k:
+      out.append((g, s.group_widths(g, smaller, base)))
+  return out
+
+
+def saving_check(predictor: LatencyPredictor, seed: int, round_to: int, repeats: int):
+  """Predicted vs measured relative saving of every single-group candidate of one network."""
+  s = predictor.structure
+  base = s.random_widths(np.random.default_rng(seed), round_to, min_keep=0.6)
+  cands = candidates(predictor, base, round_to)
+  widths = [w for _, w in cands]
+  base_ms = predictor.predict(base)
+  predicted = [1.0 - predictor.predict(w) / base_ms for w in widths]
+  first = predictor.measure(widths, repeats=repeats, reference=base)
+  second = predictor.measure(widths, repeats=repeats, reference=base)
+  measured = [1.0 - m.ratio for m in first]
+  again = [1.0 - m.ratio for m in second]
+  return (Validation(tuple(predicted), tuple(measured)), Validation(tuple(again), tuple(measured)),
+          [g for g, _ in cands], first + second, s.key_of(base))
+
+
+def mean_load(measured) -> float:
+  loads = [m.foreign_load for m in measured if m.foreign_load is not None]
+  return float(np.mean(loads)) if loads else float('nan')
+
+
+def run_model(name: str, index: int, args, cache_dir: str, quiet) -> dict:
+  image_shape = (28, 28, 1)
+  model, variables = model_and_variables(name, image_shape)
+  options = dict(round_to=args.round_to, repeats=args.repeats, log=quiet)
+  print(f'\n== {name}  input [{args.batch}, 28, 28, 1] float32  (load average {loadavg()})')
+  table = LatencyTable.open(cache_dir=cache_dir, log=quiet)
+  t0 = time.perf_counter()
+  predictor = LatencyPredictor.from_model(model, variables, (args.batch, *image_shape), table,
+                                          **options)
+  build_s = time.perf_counter() - t0
+  build_load = [b.get('loaded', 0) for b in table.builds[-1:]]
+  print(f'build: {table.measured} probes ({len(predictor.structure.units)} units, '
+        f'{len(predictor.structure.prunable)} prunable groups) in {build_s:.1f} s'
+        + ('  (goal for the quickstart model: <= 180 s on 2 cores)' if index == 0 else '')
+        + f'; fit on {predictor.fit.n}, largest in-sample error {100 * predictor.fit.max_error:.1f}%')
+  again = LatencyTable.open(cache_dir=cache_dir, log=quiet)
+  t0 = time.perf_counter()
+  LatencyPredictor.from_model(model, variables, (args.batch, *image_shape), again, **options)
+  second_s = time.perf_counter() - t0
+  print(f'second build from the saved file: {again.measured} probes measured ({second_s:.2f} s)'
+        '  (goal: 0)')
+
+  archs = random_architectures(predictor.structure, args.archs, args.arch_round_to,
+                               seed=args.seed + 1000 * index, min_channels=args.round_to)
+  t0 = time.perf_counter()
+  result, first = validate(predictor, archs, repeats=args.repeats)
+  second = predictor.measure(archs, repeats=args.repeats)
+  keys = [predictor.structure.key_of(w) for w in archs]
+  noise = Validation(tuple(m.ratio for m in second), tuple(m.ratio for m in first))
+  print(f'validation ({time.perf_counter() - t0:.1f} s, {len(archs)} architectures measured '
+        f'twice):')
+  print('  arch  predicted_ms  measured_ms   error')
+  for i, (p, m) in enumerate(zip(result.predicted, result.measured)):
+    print(f'  {i:4d}  {p:12.2f}  {m:11.2f}  {100 * (p - m) / m:+6.1f}%')
+  print(f'  {name}: {result.summary()}')
+  print(f'  measurement noise (the same architectures measured again): MAPE {noise.mape:.2f}%  '
+        f'Spearman {noise.spearman:.3f}')
+  saving, saving_noise, groups, saving_measured, saving_base = saving_check(
+      predictor, args.seed + 7 + index, args.round_to, args.repeats)
+  print(f'  single-group candidates ({len(groups)} groups halved from one network): saving '
+        f'Spearman {saving.spearman:.3f}  (noise floor {saving_noise.spearman:.3f}); predicted vs '
+        f'measured saving: ' + ', '.join(f'{100 * p:.1f}/{100 * m:.1f}%' for p, m in
+                                          zip(saving.predicted, saving.measured)))
+  with CompilationCounter() as counter:
+    t0 = time.perf_counter()
+    for w in archs:
+      predictor.predict(dict(w))
+    predictor._memo.clear()  # pylint: disable=protected-access
+    for w in archs:
+      predictor.predict(dict(w))
+    predict_us = 1e6 * (time.perf_counter() - t0) / (2 * len(archs))
+  all_measured = first + second + saving_measured
+  row = {'n': len(archs), 'mape': result.mape, 'max_ape': result.max_ape,
+         'spearman': result.spearman, 'saving_spearman': saving.spearman,
+         'saving_n': len(groups), 'noise_mape': noise.mape, 'noise_spearman': noise.spearman,
+         'saving_noise_spearman': saving_noise.spearman, 'build_s': build_s,
+         'probes': predictor.fit.n, 'second_build_measured': again.measured,
+         'second_build_s': second_s, 'predict_us': predict_us,
+         'predict_compilations': counter.count,
+         'foreign_load': mean_load(all_measured), 'loaded_measurements': sum(
+             m.loaded for m in all_measured), 'measurements': len(all_measured),
+         'build_loaded_probes': build_load[0] if build_load else 0,
+         'predicted_ms': list(result.predicted), 'measured_ms': list(result.measured),
+         'saving_predicted': list(saving.predicted), 'saving_measured': list(saving.measured),
+         'groups': list(predictor.structure.prunable), 'archs_kept': keys,
+         'measured_ratio': [m.ratio for m in first], 'measured_ratio_again': [
+             m.ratio for m in second], 'saving_groups': groups,
+         'saving_base_kept': saving_base, 'saving_kept': [predictor.structure.key_of(m.widths)
+                                      for m in saving_measured[:len(groups)]],
+         'saving_measured_again': list(saving_noise.predicted)}
+  print(f'  predict: {predict_us:.0f} us per call, {counter.count} compilations; CPU share '
+        f'other processes took: {row["foreign_load"]:.2f}; {row["loaded_measurements"]}/'
+        f'{len(all_measured)} measurements flagged loaded')
+  return row
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', default='resnet8,vgg_small',
+  parser.add_argument('--models', default=','.join(MODELS),
                       help=f'comma-separated, from {",".join(MODELS)}; the first one is timed '
-                      'as the quickstart table build')
+                      'as the quickstart build')
   parser.add_argument('--archs', type=int, default=20, help='random architectures per model')
   parser.add_argument('--batch', type=int, default=256)
-  parser.add_argument('--round_to', type=int, default=8, help='table grid step')
+  parser.add_argument('--round_to', type=int, default=8, help='probe channel step')
   parser.add_argument('--arch_round_to', type=int, default=4,
                       help='channel multiple of the random architectures (< round_to puts '
-                      'some widths between grid points; never fewer than round_to channels, '
-                      'as pruning rounds to round_to)')
-  parser.add_argument('--repeats', type=int, default=20,
-                      help='timed calls per end-to-end model measurement')
+                      'widths between probe counts)')
+  parser.add_argument('--repeats', type=int, default=10, help='timed rounds per measurement')
   parser.add_argument('--cache_dir', default=None, help='default: a fresh temporary folder')
-  parser.add_argument('--fit', default='affine', choices=FITS)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--recalibrate', action=argparse.BooleanOptionalAction, default=True,
-                      help='re-measure the calibration architectures interleaved with the '
-                      'validation ones (same background load) and re-fit before predicting')
+  parser.add_argument('--out', default=None, help='default: bench/results/'
+                      'latency_validation_<platform>.json')
+  parser.add_argument('--budget_s', type=float, default=None,
+                      help='start no further model after this many seconds')
   args = parser.parse_args()
 
-  start_all = time.perf_counter()
+  start = time.perf_counter()
   cache_dir = args.cache_dir or tempfile.mkdtemp(prefix='bench_latency_')
   quiet = lambda s: None  # noqa: E731
-  print(f'load average (1/5/15 min) at start: {loadavg()}  cores: {os.cpu_count()}')
+  platform = jax.default_backend()
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                                 f'latency_validation_{platform}.json')
   table = LatencyTable.open(cache_dir=cache_dir, log=quiet)
+  print(f'load average (1/5/15 min) at start: {loadavg()}  cores: {os.cpu_count()}')
   print(f'device key: {table.key}')
-  print(f'table file: {table.path}')
-
-  names = [m.strip() for m in args.models.split(',') if m.strip()]
-  results: dict[str, Validation] = {}
-  noise: dict[str, Validation] = {}
-  for index, name in enumerate(names):
-    spec = MODELS[name]
-    print(f'\n== {name} {dict(spec.kwargs)}  input [{args.batch}, 28, 28, 1] float32')
-    before = table.measured
-    t0 = time.perf_counter()
-    predictor = LatencyPredictor.build(spec, (28, 28, 1), args.batch, table,
-                                       round_to=args.round_to)
-    build_s = time.perf_counter() - t0
-    print(f'table build: {table.measured - before} entries measured in {build_s:.1f} s'
-          + ('  (goal for the quickstart model: <= 120 s on 2 cores)' if index == 0 else ''))
-    t0 = time.perf_counter()
-    calibration = predictor.calibrate(fit=args.fit, repeats=args.repeats)
-    print(f'calibration ({calibration.fit}, {len(calibration.points)} architectures, '
-          f'{time.perf_counter() - t0:.1f} s): measured ~ {calibration.describe()}')
-    if index == 0:
-      again = LatencyTable.open(cache_dir=cache_dir, log=quiet)
-      t0 = time.perf_counter()
-      predictor_again = LatencyPredictor.build(spec, (28, 28, 1), args.batch, again,
-                                               round_to=args.round_to)
-      predictor_again.calibrate(fit=args.fit, repeats=args.repeats)
-      print(f'second build from the saved file: {again.measured} entries and '
-            f'{again.measured_end_to_end} end-to-end latencies measured '
-            f'({time.perf_counter() - t0:.2f} s)  (goal: 0 and 0)')
-
-    archs = random_architectures(predictor.structure, args.archs, args.arch_round_to,
-                                 seed=args.seed + 1000 * index, min_channels=args.round_to)
-    t0 = time.perf_counter()
-    result = validate(predictor, archs, repeats=args.repeats, recalibrate=args.recalibrate,
-                      fit=args.fit)
-    results[name] = result
-    c = predictor.calibration
-    print(f'validation ({time.perf_counter() - t0:.1f} s'
-          + (f'; calibration re-measured alongside: {c.describe()}' if args.recalibrate else '')
-          + '):')
-    print('  arch  predicted_ms  measured_ms   error')
-    for i, (p, m) in enumerate(zip(result.predicted_ms, result.measured_ms)):
-      print(f'  {i:4d}  {p:12.2f}  {m:11.2f}  {100 * (p - m) / m:+6.1f}%')
-    print(f'  {name}: {result.summary()}')
-    again = predictor.measure_end_to_end(archs, args.repeats, use_cache=False, group=16)
-    noise[name] = Validation(tuple(again), result.measured_ms)
-    print(f'  measurement noise (the same architectures measured again vs the first time): '
-          f'MAPE {noise[name].mape:.2f}%  Spearman {noise[name].spearman:.3f}')
-    if args.recalibrate:  # The other calibration fits, on exactly the same measurements.
-      points = c.points
-      for fit in FITS:
-        if fit == args.fit:
-          continue
-        other = fit_calibration([p[:2] for p in points], [p[2] for p in points], fit, quiet)
-        alt = Validation(tuple(other.apply(*predictor.path_sums_ms(w)) for w in archs),
-                         result.measured_ms)
-        print(f'  (fit={fit}: {alt.summary()}; {other.describe()})')
-
-    with CompilationCounter() as counter:
-      t0 = time.perf_counter()
-      n = 0
-      for _ in range(20):
-        for widths in archs:
-          predictor.predict(widths)
-          n += 1
-      predict_us = (time.perf_counter() - t0) / n * 1e6
-    fresh = random_architectures(predictor.structure, 50, args.arch_round_to, seed=99,
-                                 min_channels=args.round_to)
-    t0 = time.perf_counter()
-    for widths in fresh:
-      predictor.predict(widths)
-    fresh_us = (time.perf_counter() - t0) / max(len(fresh), 1) * 1e6
-    print(f'  predict: {predict_us:.1f} us per call (memoised), {fresh_us:.1f} us on unseen '
-          f'architectures; {counter.count} compilations')
-
-  pooled_p = [p for r in results.values() for p in r.predicted_ms]
-  pooled_m = [m for r in results.values() for m in r.measured_ms]
-  pooled = Validation(tuple(pooled_p), tuple(pooled_m))
-  print('\n== summary')
-  for name, r in results.items():
-    print(f'  {name:12s} MAPE {r.mape:6.2f}%  Spearman {r.spearman:.3f}  (n={len(r.measured_ms)})'
-          f'   measurement noise: MAPE {noise[name].mape:.2f}%  Spearman '
-          f'{noise[name].spearman:.3f}')
-  print(f'  {"pooled":12s} MAPE {pooled.mape:6.2f}%  Spearman {pooled.spearman:.3f}  '
-        f'(n={len(pooled_m)})   goals: MAPE <= 10%, Spearman >= 0.9')
-  print(f'load average at end: {loadavg()}; total {time.perf_counter() - start_all:.0f} s')
-  print('GPU/TPU: not measured here (no accelerator available to this run).')
+  report = {'platform': platform, 'key': table.key, 'batch': args.batch,
+            'image_shape': [28, 28, 1], 'round_to': args.round_to, 'repeats': args.repeats,
+            'loadavg_start': loadavg(), 'command': ' '.join(sys.argv), 'models': {}}
+  for index, name in enumerate(m.strip() for m in args.models.split(',') if m.strip()):
+    if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+      print(f'\n(budget of {args.budget_s:.0f} s spent: {name} and later models skipped)')
+      break
+    report['models'][name] = run_model(name, index, args, cache_dir, quiet)
+    report['loadavg_end'] = loadavg()
+    report['total_s'] = time.perf_counter() - start
+    write_json_atomic(out, report, indent=1)
+  print('\nmodel          n   MAPE  Spearman  saving-Spearman | noise: MAPE  Spearman  saving | '
+        'build_s  load')
+  for name, r in report['models'].items():
+    print(f'{name:12s} {r["n"]:3d} {r["mape"]:5.2f}%  {r["spearman"]:7.3f}  {r["saving_spearman"]:14.3f}'
+          f'  | {r["noise_mape"]:10.2f}%  {r["noise_spearman"]:8.3f}  '
+          f'{r["saving_noise_spearman"]:6.3f} | {r["build_s"]:7.1f}  {r["foreign_load"]:.2f}')
+  print(f'load average at end: {loadavg()}; total {time.perf_counter() - start:.0f} s; '
+        f'written to {out}')
 
 
 if __name__ == '__main__':

@@ -12,14 +12,15 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from absl import flags
 
 from ttmpd_jax import checkpoint, train
 from ttmpd_jax.fileio import write_json_atomic
 from ttmpd_jax.data import datasets, fashion_mnist
-from ttmpd_jax.errors import UserError
+from ttmpd_jax.errors import OutputError, UserError
+from ttmpd_jax.runlock import RunLock
 from ttmpd_jax.models import MODEL_NAMES, ModelSpec, build_model
 
 FLAGS = flags.FLAGS
@@ -98,14 +99,56 @@ def log(message: str) -> None:
 
 def ensure_writable_dir(path: str, flag: str = '--output_dir') -> str:
   """Creates ``path`` if needed and checks that we can write into it."""
-  path = os.path.abspath(path)
+  path = os.path.abspath(os.path.expanduser(path))
   try:
     os.makedirs(path, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test_'):
       pass
   except OSError as e:
-    raise UserError(f'{flag}={path} is not a writable directory ({e.strerror or e})') from e
+    raise OutputError(f'{flag}={path} is not a writable directory ({e.strerror or e})') from e
   return path
+
+
+def check_writable_dir(path: str, label: str) -> None:
+  """Checks that folder ``path`` exists and is writable, or could be created; creates nothing.
+
+  Design choice: the test is a real temporary file in the folder (or its nearest existing
+  ancestor), not ``os.access``: it also catches read-only mounts, full quotas, and runs as root.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  probe = path
+  while not os.path.lexists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise OutputError(f'{label}: {probe} is not a folder, so {path} cannot be written; remove '
+                      'or rename it, or choose another --output_dir')
+  try:
+    with tempfile.NamedTemporaryFile(dir=probe, prefix='.write_test_'):
+      pass
+  except OSError as e:
+    raise OutputError(f'{label}: cannot write into {probe} ({e.strerror or e}); fix its '
+                      'permissions or choose another --output_dir') from e
+
+
+def check_writable_file(path: str, label: str) -> None:
+  """Checks that file ``path`` can be (re)written atomically: its folder is writable and the
+  path is not a folder itself. The file's own mode does not matter (it is replaced by rename)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(path):
+    raise OutputError(f'{label}: {path} is a folder, but the run writes a file there; remove or '
+                      'rename it, or choose another --output_dir')
+  check_writable_dir(os.path.dirname(path), label)
+
+
+_OUTPUT_LOCK: Optional[RunLock] = None
+
+
+def release_output_lock() -> None:
+  """Frees the ``--output_dir`` lock of this process (idempotent; the launcher calls it)."""
+  global _OUTPUT_LOCK
+  if _OUTPUT_LOCK is not None:
+    _OUTPUT_LOCK.release()
+    _OUTPUT_LOCK = None
 
 
 def format_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -146,6 +189,117 @@ class Context:
     self.start_time = time.time()
     self._cache: dict[str, Any] = {}
 
+  def lock_output_dir(self) -> None:
+    """Takes the exclusive lock on ``--output_dir`` for this run (process 0 of a job only).
+
+    Released by ``release_output_lock()`` (the launcher calls it on every exit path); the
+    kernel frees it if the process dies. Refuses with a ``UserError`` naming the running pid.
+    """
+    global _OUTPUT_LOCK
+    if self.hosts.get('process_index', 0) != 0 or _OUTPUT_LOCK is not None:
+      return
+    _OUTPUT_LOCK = RunLock.acquire(self.output_dir, label=f'--output_dir={self.output_dir}',
+                                   log=log)
+
+  # ---- pre-flight ---------------------------------------------------------------------------
+  def preflight(self, extra_paths: Sequence[str] = (), *, folders: Sequence[str] = (),
+                report: str = 'report.json', source: bool = True, data: bool = True,
+                shifted: bool = True, train_data: bool = False, latency: bool = False) -> None:
+    """Checks, before any long work, what the run will need; raises ``UserError`` on a mismatch.
+
+    Args:
+      extra_paths: further files the run writes (plots...), relative to ``--output_dir``.
+      folders: subfolders of ``--output_dir`` the run writes (``models``, ``work``...);
+        ``checkpoints`` is added when the source model will be pretrained.
+      report: the report file name.
+      source: the run uses the source model (``--checkpoint`` or the default one).
+      data: the run reads the clean test set (and, with ``shifted``, the shifted test sets of
+        the flags); they are loaded (and cached) now, which checks they are readable, finite
+        and in range, and that the source model takes their images and classes.
+      train_data: the run reads the training split (pretraining, EPSD).
+      latency: the run uses the latency table (its folder or file must be writable).
+    Design choice: everything here is cheap next to the run (reading files, no compilation
+    beyond the corruption of the test sets, which the run would do first anyway), and every
+    dataset loaded here is the cached one the run then uses.
+    """
+    for name in self.shifted_dataset_names() if data and shifted else ():
+      datasets.check_name(name)
+    meta = self._preflight_checkpoint() if source else None
+    pretrain = source and meta is None
+    self._preflight_outputs([report, *extra_paths],
+                            [*folders, *(['checkpoints'] if pretrain else [])], latency)
+    if train_data or pretrain:
+      self.train_set()
+    if data:
+      self._preflight_data(meta, shifted, pretrain)
+    log('pre-flight checks passed')
+
+  def _preflight_outputs(self, files: Sequence[str], folders: Sequence[str],
+                         latency: bool) -> None:
+    for folder in folders:
+      check_writable_dir(self.path(folder), f'--output_dir subfolder {folder}/')
+    for name in files:
+      check_writable_file(self.path(name), f'output file {name}')
+    if latency and 'latency_cache_dir' in FLAGS:
+      table = FLAGS['latency_table'].value if 'latency_table' in FLAGS else None
+      if table:
+        check_writable_file(table, f'--latency_table={table}')
+      else:
+        check_writable_dir(os.path.join(os.path.expanduser(FLAGS.latency_cache_dir), 'latency'),
+                           f'--latency_cache_dir={FLAGS.latency_cache_dir}')
+
+  def _preflight_checkpoint(self) -> Optional[checkpoint.CheckpointMeta]:
+    """The source checkpoint's metadata (checked), or None when it will be pretrained."""
+    if FLAGS.checkpoint:
+      path = self._checkpoint_flag_path()
+      meta = checkpoint.load_meta(path)
+      requested = {'model': meta.spec.name, **{k: meta.spec.kwargs.get(k)
+                                                for k in ('base_width', 'small_input')}}
+      for flag, held in requested.items():
+        if FLAGS[flag].present and FLAGS[flag].value != held:
+          log(f'note: --checkpoint overrides --{flag}={FLAGS[flag].value}: the checkpoint holds '
+              f'{flag}={held}')
+      return meta
+    spec = self.requested_spec(self.train_set().num_classes)
+    path = self.default_checkpoint_path(spec)
+    if not checkpoint.exists(path):
+      return None
+    meta = checkpoint.load_meta(path)
+    checkpoint.check_spec(meta, spec, path)
+    return meta
+
+  def _preflight_data(self, meta: Optional[checkpoint.CheckpointMeta], shifted: bool,
+                      pretrain: bool) -> None:
+    """Loads the test sets; each must fit the source model (or, when it will be pretrained, the
+    training split's image shape and classes)."""
+    sets = [self.clean_test_set(), *(self.shifted_test_sets() if shifted else [])]
+    for dataset in sets:
+      if meta is not None:
+        checkpoint.check_compatible(meta, dataset.image_shape, dataset.num_classes,
+                                    f'dataset {dataset.name!r}', self._source_label())
+      elif pretrain:
+        train_set = self.train_set()
+        if (dataset.image_shape, dataset.num_classes) != (train_set.image_shape,
+                                                          train_set.num_classes):
+          raise UserError(
+              f'dataset {dataset.name!r} has {dataset.num_classes} classes of '
+              f'{"x".join(map(str, dataset.image_shape))} images, but the model is pretrained '
+              f'on --dataset={FLAGS.dataset} ({train_set.num_classes} classes of '
+              f'{"x".join(map(str, train_set.image_shape))}); use test sets of that family')
+
+  def _source_label(self) -> str:
+    return f'--checkpoint={FLAGS.checkpoint}' if FLAGS.checkpoint else 'the source checkpoint'
+
+  def _checkpoint_flag_path(self) -> str:
+    path = os.path.abspath(os.path.expanduser(FLAGS.checkpoint))
+    if not os.path.exists(path):
+      raise UserError(f'--checkpoint={path} does not exist; pass the folder of a checkpoint '
+                      'written by --mode=pretrain or --mode=prune')
+    if not checkpoint.exists(path):
+      raise UserError(f'--checkpoint={path} is a file, not a checkpoint folder; pass the folder '
+                      'of a checkpoint written by --mode=pretrain or --mode=prune')
+    return path
+
   # ---- model --------------------------------------------------------------------------------
   def requested_spec(self, num_classes: int) -> ModelSpec:
     kwargs: dict[str, Any] = {}
@@ -171,9 +325,7 @@ class Context:
     if 'source' in self._cache:
       return self._cache['source']
     if FLAGS.checkpoint:
-      path = os.path.abspath(FLAGS.checkpoint)
-      if not checkpoint.exists(path):
-        raise UserError(f'--checkpoint={path} does not exist')
+      path = self._checkpoint_flag_path()
       variables, meta = checkpoint.load(path)
       log(f'loaded checkpoint {path} ({meta.spec.name})')
       trained = False
@@ -203,7 +355,11 @@ class Context:
         validation_set=validation, print_fn=log)
     meta = checkpoint.CheckpointMeta(spec, train_set.image_shape, train_set.family,
                                      {'train_config': self._train_config(spec), **summary})
-    checkpoint.save(path, variables, meta)
+    try:
+      checkpoint.save(path, variables, meta)
+    except OSError as e:
+      raise OutputError(f'cannot save the source checkpoint {path} ({e.strerror or e}); make '
+                        '--output_dir writable or pass --checkpoint') from e
     log(f'saved source checkpoint {path}')
     return variables, meta
 
@@ -241,7 +397,11 @@ class Context:
 
   def write_report(self, report: dict[str, Any], name: str = 'report.json') -> str:
     path = self.path(name)
-    write_json_atomic(path, report)
+    try:
+      write_json_atomic(path, report)
+    except OSError as e:
+      raise OutputError(f'cannot write {path} ({e.strerror or e}); fix --output_dir (results so '
+                        'far are in the previous version of the file, if any)') from e
     log(f'wrote {path}')
     return path
 

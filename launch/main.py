@@ -1,16 +1,31 @@
 """ttmpd_jax launcher: ``python launch/main.py --flagfile=launch/flags/quickstart.cfg``.
 
 Each mode lives in ``launch/mode_<name>.py``: it defines its own flags at import time and a
-``run(ctx, mode)`` function, and lists the mode names it serves in ``MODES``. User mistakes
-(``UserError``) print one line and exit with status 2; anything else is a bug and keeps its
-traceback.
+``run(ctx, mode)`` function, and lists the mode names it serves in ``MODES``.
+
+Error policy (one for every mode):
+  * A user mistake -- a bad flag value, a ``UserError`` from the library or a mode, an output
+    path that cannot be written (``EACCES``, ``ENOSPC``, ``EROFS``...), running out of memory --
+    prints exactly one line ``error: <what and how to fix it>`` on stderr and exits with
+    status 2, without a traceback. SIGINT exits with 130 and SIGTERM with 143, also with one
+    line; the run resumes when the same command is started again.
+  * Anything else is a bug and keeps its traceback.
+  * After a user error the process ends with ``os._exit`` once stdout and stderr are flushed.
+    Design choice: orbax, tensorstore and asyncio run background threads and atexit hooks that,
+    after a failed restore, may print "Event loop is closed" tracebacks while the interpreter
+    shuts down; skipping interpreter shutdown is the only reliable way to keep the one-line
+    promise. Nothing is lost: every output is written atomically before this point.
+  * The output folder is locked for the whole run (``ttmpd_jax.runlock``): a second run on the
+    same ``--output_dir`` is refused, naming the running process.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import importlib
 import os
+import signal
 import sys
 import time
 
@@ -19,7 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from launch import common  # noqa: E402
-from ttmpd_jax.errors import UserError  # noqa: E402
+from ttmpd_jax.errors import UserError, one_line  # noqa: E402
+
+# OSErrors that the environment, not the code, causes: reported as one line.
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR,
+               errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE}
+STATUS_USER_ERROR, STATUS_SIGINT, STATUS_SIGTERM = 2, 130, 143
+_RESUME = 'outputs written so far are kept: rerun the same command to continue'
 
 
 def _discover_modes() -> dict[str, object]:
@@ -37,23 +58,104 @@ flags.DEFINE_enum('mode', 'evaluate', sorted(MODES), 'What to run.')
 FLAGS = flags.FLAGS
 
 
+class Terminated(BaseException):
+  """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _on_sigterm(signum, frame):
+  del signum, frame
+  raise Terminated()
+
+
+def _is_shutdown_noise(exc_type, exc) -> bool:
+  """Orbax/tensorstore callbacks that hit asyncio's already closed loop after a failed restore."""
+  return (exc_type is not None and issubclass(exc_type, RuntimeError)
+          and 'Event loop is closed' in str(exc))
+
+
+def silence_third_party_noise() -> None:
+  """Drops "Event loop is closed" tracebacks that orbax's I/O threads print.
+
+  When one read of a corrupted checkpoint fails, orbax's ``asyncio.run`` closes its loop while
+  tensorstore still completes the other reads; their callbacks then raise in C++ threads, which
+  print through ``sys.excepthook`` / ``sys.unraisablehook``. Any other exception still prints.
+  """
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(exc_type, exc, tb):
+    if not _is_shutdown_noise(exc_type, exc):
+      excepthook(exc_type, exc, tb)
+
+  def quiet_unraisablehook(info):
+    if not _is_shutdown_noise(info.exc_type, info.exc_value):
+      unraisablehook(info)
+
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
+def fail(message: str, status: int = STATUS_USER_ERROR) -> None:
+  """Prints ``error: <message>`` as one line, flushes, and ends the process (see the docstring)."""
+  common.release_output_lock()
+  try:
+    sys.stdout.flush()
+  except (OSError, ValueError):
+    pass
+  sys.stderr.write(f'error: {one_line(message, 2000)}\n')
+  sys.stderr.flush()
+  os._exit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad flag reported by the one-line error policy."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(f'{str(e).removeprefix("ERROR:: ")} (see --helpfull for every flag)')
+    raise  # Not reached.
+
+
+def _user_message(e: BaseException) -> str | None:
+  """The one-line message for an exception the user caused, or None for a bug."""
+  if isinstance(e, UserError):
+    return str(e)
+  if isinstance(e, BrokenPipeError):
+    return 'standard output was closed (broken pipe); the run stopped'
+  if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+    target = f' {e.filename}' if e.filename else ''
+    return (f'cannot write or read{target} ({e.strerror or e}); free disk space or fix the '
+            'permissions, or choose another --output_dir')
+  oom = isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e)[:2000]
+  if oom:
+    return (f'out of memory ({type(e).__name__}: {one_line(e, 200)}); reduce --batch_size, '
+            '--eval_batch_size, --kd_batch_size or --latency_batch')
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected positional arguments: {" ".join(argv[1:])}')
+    fail(f'unexpected positional arguments: {" ".join(argv[1:])} (flags look like --name=value)')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  signal.signal(signal.SIGTERM, _on_sigterm)
+  silence_third_party_noise()
   start = time.time()
   try:
     ctx = common.Context()
+    ctx.lock_output_dir()
     MODES[FLAGS.mode].run(ctx, FLAGS.mode)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   except KeyboardInterrupt:
-    print('interrupted', file=sys.stderr)
-    sys.exit(130)
+    fail(f'interrupted (SIGINT); {_RESUME}', STATUS_SIGINT)
+  except Terminated:
+    fail(f'terminated (SIGTERM); {_RESUME}', STATUS_SIGTERM)
+  except Exception as e:  # noqa: BLE001 - bugs are re-raised below with their traceback.
+    message = _user_message(e)
+    if message is None:
+      common.release_output_lock()
+      raise
+    fail(message)
+  common.release_output_lock()
   common.log(f'{FLAGS.mode} finished in {time.time() - start:.1f} s')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -87,6 +87,9 @@ def config_from_flags(ctx: common.Context, num_classes: int) -> experiment.EPSDC
 def run(ctx: common.Context, mode: str) -> None:
   del mode
   _parse_floats(FLAGS.epsd_sparsities, 'epsd_sparsities')  # Fail fast, before loading data.
+  ctx.preflight(['accuracy_vs_sparsity.png'],
+                folders=['checkpoints/epsd'] if FLAGS.epsd_save_checkpoints else [],
+                source=False, shifted=False, train_data=True)
   train_set = ctx.train_set()
   test_set = ctx.clean_test_set()
   config = config_from_flags(ctx, train_set.num_classes)

@@ -40,6 +40,7 @@ def print_rows(rows: list[dict]) -> None:
 
 
 def run(ctx: common.Context, mode: str) -> None:
+  ctx.preflight()
   source = ctx.source_model()
   if mode == 'evaluate' and FLAGS.checkpoint:
     model, variables, meta = build_model(source.spec), source.variables, source.meta

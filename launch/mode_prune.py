@@ -1,9 +1,17 @@
-"""--mode=prune (one method) and --mode=benchmark (methods side by side) on shifted test sets."""
+"""--mode=prune (one method) and --mode=benchmark (methods side by side) on shifted test sets.
+
+The launcher is a user of the library: flags become one typed ``SearchConfig`` here
+(``search_config``), the zoo model and its source checkpoint come from ``common.Context``, and
+each method runs through ``ttmpd_jax.search.harness.run_method``. Finished methods are read back
+from ``report.json`` (keyed by a hash of everything that determines them), so a rerun with the
+same flags skips them; an unfinished one resumes from its last search step.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any
 
@@ -12,24 +20,32 @@ from absl import flags
 
 from launch import common, mode_evaluate
 from launch.mode_latency_table import predictor_from_flags
-from ttmpd_jax import checkpoint
+from ttmpd_jax import checkpoint, evidence, train
 from ttmpd_jax.errors import UserError
+from ttmpd_jax.models import MODEL_NAMES, ModelSpec
 from ttmpd_jax.report import plot_tradeoff
-from ttmpd_jax.search import harness
-from ttmpd_jax.search.config import METHODS, SearchConfig, check_method
-from ttmpd_jax.search.proxy import LinearAccuracyModel, spearman
-from ttmpd_jax.search.scoring import IMPORTANCE_CRITERIA
+from ttmpd_jax.search import harness, judges
+from ttmpd_jax.search.config import ConfigError, SearchConfig
+from ttmpd_jax.search.methods import METHODS
+from ttmpd_jax.search.problem import Resizable, prepare
+from ttmpd_jax.search.proxy import AccuracyModel, spearman
+from ttmpd_jax.search.scoring import CRITERIA
 
 FLAGS = flags.FLAGS
 MODES = ('prune', 'benchmark')
 
-flags.DEFINE_string('method', 'ttmpd', f'Pruning method for --mode=prune: {", ".join(METHODS)}.')
+flags.DEFINE_string('method', 'ttmpd', f'Pruning method for --mode=prune: '
+                    f'{", ".join(METHODS.names())}.')
 flags.DEFINE_list('methods', ['ttmpd', 'netadapt', 'eagleeye', 'halp', 'uniform', 'teacher',
                               'teacher_bn'], 'Methods compared by --mode=benchmark.')
 flags.DEFINE_string('kd', 'cached', 'KD mode for --mode=prune: cached (pseudo labels computed '
                     'once) or online (teacher on every batch).')
 flags.DEFINE_list('kd_modes', ['cached'], 'KD modes compared by --mode=benchmark.')
-flags.DEFINE_float('latency_target', 0.5, 'Target latency as a fraction of the teacher\'s.')
+flags.DEFINE_float('latency_target', 0.5, 'Target measured latency, a fraction of the teacher\'s.')
+flags.DEFINE_float('latency_tolerance', 0.03, 'The measured latency ratio must land within '
+                   'target x (1 +- tolerance).')
+flags.DEFINE_integer('measure_rounds', 4, 'Measure-and-correct rounds to meet the measured target '
+                     '(0: trust the latency model).')
 flags.DEFINE_float('r0', 0.1, 'First iteration asks for a saving of r0 * L0.')
 flags.DEFINE_float('decay', 0.96, 'Per-iteration decay of the requested saving.')
 flags.DEFINE_integer('round_to', 4, 'Kept channel counts are multiples of this (the latency '
@@ -40,8 +56,8 @@ flags.DEFINE_float('finetune_fraction', 0.1, 'Fine-tuning subset S: a fraction o
 flags.DEFINE_float('heldout_fraction', 0.25, 'Part of S held out to judge candidates.')
 flags.DEFINE_integer('bn_batches', 4, 'Adaptive-BN batches per candidate evaluation.')
 flags.DEFINE_integer('bn_batch_size', 128, 'Adaptive-BN batch size.')
-flags.DEFINE_integer('calibration_iterations', 1, 'TT-MPD fine-tunes the candidates of this many '
-                     'first iterations to fit the accuracy model.')
+flags.DEFINE_integer('calibration_iterations', 3, 'TT-MPD fine-tunes the candidates of this many '
+                     'iterations, spread over the run, to fit its accuracy model.')
 flags.DEFINE_integer('calibration_candidates', 0, 'Candidates fine-tuned per calibration '
                      'iteration (0: all).')
 flags.DEFINE_integer('short_term_steps', 30, 'KD steps of each short-term fine-tuning.')
@@ -51,159 +67,296 @@ flags.DEFINE_float('long_term_lr', 0.01, 'Long-term KD learning rate (cosine dec
 flags.DEFINE_integer('kd_batch_size', 128, 'KD fine-tuning batch size.')
 flags.DEFINE_float('temperature', 1.0, 'KD temperature.')
 flags.DEFINE_float('hard_weight', 0.0, 'Weight of the hard pseudo-label cross-entropy term.')
-flags.DEFINE_enum('importance', 'l2', IMPORTANCE_CRITERIA, 'Channel importance within a group.')
+flags.DEFINE_enum('importance', 'l2', CRITERIA.names(), 'Channel importance within a group.')
 flags.DEFINE_bool('teacher_bn_adapt', True, 'Adapt the teacher\'s BatchNorm statistics to the '
                   'shifted test set before labelling and pruning (test-time BN adaptation).')
-flags.DEFINE_bool('resume', True, 'Continue a killed run from its last finished iteration.')
+flags.DEFINE_bool('resume', True, 'Continue a killed run: finished methods are read back from '
+                  'report.json, an unfinished one resumes from its last search step.')
 flags.DEFINE_list('source_eval_corruptions', [], 'Before pruning, print the source model\'s '
                   'accuracy on the clean test split and on these corruptions (at --severities).')
 flags.DEFINE_integer('trajectory_eval_limit', 2000, 'Test samples used to report accuracy along '
                      'the search trajectory (0: skip; reporting only, not timed).')
 
+flags.DEFINE_list('grid_models', [], 'Benchmark grid: zoo models, each NAME or NAME:KEY=VALUE '
+                  '(e.g. resnet20:base_width=8, mobilenetv2:width_multiplier=0.5); one source '
+                  'model per architecture. Empty: --model.')
+flags.DEFINE_list('seeds', [], 'Benchmark grid: search seeds (subset selection, data order). '
+                  'Empty: --seed.')
 
 flags.register_validator('source_eval_corruptions', common.check_corruptions)
 
-
-def search_config(kd: str) -> SearchConfig:
-  return SearchConfig(
-      latency_target=FLAGS.latency_target, r0=FLAGS.r0, decay=FLAGS.decay,
-      round_to=FLAGS.round_to, max_iterations=FLAGS.max_iterations,
-      finetune_fraction=FLAGS.finetune_fraction, heldout_fraction=FLAGS.heldout_fraction,
-      bn_batches=FLAGS.bn_batches, bn_batch_size=FLAGS.bn_batch_size,
-      calibration_iterations=FLAGS.calibration_iterations,
-      calibration_candidates=FLAGS.calibration_candidates,
-      short_term_steps=FLAGS.short_term_steps, long_term_steps=FLAGS.long_term_steps,
-      short_term_lr=FLAGS.short_term_lr, long_term_lr=FLAGS.long_term_lr,
-      batch_size=FLAGS.kd_batch_size, temperature=FLAGS.temperature,
-      hard_weight=FLAGS.hard_weight, kd=kd, importance=FLAGS.importance, seed=FLAGS.seed)
+# SearchConfig fields whose flag has another name.
+FLAG_OF_FIELD = {'batch_size': 'kd_batch_size'}
 
 
-def _run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -> str:
+def search_config(kd: str, seed: int) -> SearchConfig:
+  """The one place flags become the search's configuration."""
+  fields = {f: FLAGS[FLAG_OF_FIELD.get(f, f)].value for f in SearchConfig.__dataclass_fields__
+            if f not in ('kd', 'seed')}
+  with config_errors_as_flags():
+    return SearchConfig(kd=kd, seed=seed, **fields)
+
+
+class config_errors_as_flags:  # pylint: disable=invalid-name
+  """Context manager: a library ``ConfigError`` becomes a one-line error naming the flag."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if isinstance(error, ConfigError):
+      raise UserError(f'--{FLAG_OF_FIELD.get(error.field, error.field)}: {error.detail}') from error
+    return False
+
+
+def run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -> str:
+  """Identity of one method run: what determines its result (the resume key)."""
   data = json.dumps({'method': method, 'config': config.to_json(), 'dataset': dataset,
-                     'source': source_path, 'teacher_bn_adapt': FLAGS.teacher_bn_adapt},
+                     'source': source_path, 'latency_batch': FLAGS.latency_batch},
                     sort_keys=True)
-  return hashlib.sha256(data.encode()).hexdigest()[:10]
+  return hashlib.sha256(data.encode()).hexdigest()[:12]
 
 
 def _spearman_cell(row: dict[str, Any]) -> str:
-  if row['method'] != 'ttmpd':
+  ps = row.get('proxy_spearman') or {}
+  if 'ttmpd' not in ps:   # Only rows with a fitted accuracy model.
     return ''
-  cell = f'{row.get("spearman", float("nan")):.2f}'
-  if 'spearman_netadapt_candidates' in row:
-    cell += f' / {row["spearman_netadapt_candidates"]:.2f}'
+  cell = f'{_num(ps.get("ttmpd"))} (v1 {_num(ps.get("v1"))}, v2 {_num(ps.get("v2"))})'
+  if 'proxy_spearman_ground_truth' in row:
+    cell += f' / {_num(row["proxy_spearman_ground_truth"].get("ttmpd"))}'
   return cell
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-  netadapt = {(r['dataset'], r['kd']): r['prune_finetune_s'] for r in rows
-              if r['method'] == 'netadapt'}
+def _num(value: Any) -> str:
+  return '-' if value is None or (isinstance(value, float) and np.isnan(value)) else f'{value:.2f}'
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  base_time = {evidence.cell_of(r): r['prune_finetune_s'] for r in rows
+               if r['method'] == evidence.TIME_BASELINE}
   out = []
   for r in rows:
-    base = netadapt.get((r['dataset'], r['kd']))
-    pruned = not r['method'].startswith('teacher')
+    base = base_time.get(evidence.cell_of(r))
+    pruned = METHODS.get(r['method']).prunes
+    target = '-' if not pruned else ('met' if r.get('met_target') else 'MISSED')
     out.append([r['dataset'], r['method'], r['kd'] if pruned else '-', f'{100 * r["accuracy"]:.2f}',
-                f'{r["latency_ratio"]:.3f}', f'{r["latency_ms_measured"]:.2f}',
-                f'{r["latency_ms_predicted"]:.2f}', f'{r["flops"] / 1e6:.2f}M',
-                f'{r["params"] / 1e3:.1f}k',
+                f'{r["latency_ratio"]:.3f}' + ('' if r.get('latency_reliable', True) else '?'),
+                target, f'{r["latency_ms_measured"]:.2f}', f'{r["latency_ms_predicted"]:.2f}',
+                f'{r["flops"] / 1e6:.2f}M', f'{r["params"] / 1e3:.1f}k',
                 f'{r["prune_finetune_s"]:.1f}' if pruned else '-',
                 f'{r["prune_finetune_s"] / base:.2f}' if pruned and base else '-',
                 _spearman_cell(r)])
   return common.format_table(
-      ['dataset', 'method', 'kd', 'acc %', 'lat ratio', 'lat ms', 'pred ms', 'MACs', 'params',
-       'prune+FT s', 'vs NetAdapt', 'spearman (calib / NetAdapt cands)'], out)
+      ['dataset', 'method', 'kd', 'acc %', 'lat ratio', 'target', 'lat ms', 'pred ms', 'MACs',
+       'params', 'prune+FT s', f'vs {evidence.TIME_BASELINE}',
+       'Â spearman within iter (v1, v2) / on ground truth'], out)
 
 
 def cross_check_proxy(rows: list[dict[str, Any]]) -> None:
-  """Out-of-sample check of TT-MPD's Â: applied to every candidate NetAdapt fine-tuned.
+  """Out-of-sample check of a fitted accuracy model on a ground-truth run of the same cell.
 
-  NetAdapt short-term fine-tunes every candidate of every iteration and records its v1/v2, so
-  its candidates are free ground truth for the accuracy model TT-MPD fitted on its own few
-  calibration candidates. Adds ``spearman_netadapt_candidates`` to the TT-MPD row.
+  A run that fine-tuned *every* candidate of every iteration (NetAdapt) records (v1, v2, real
+  accuracy) for whole candidate sets: free ground truth for the accuracy model another run (TT-MPD)
+  fitted on its own calibration candidates. Adds the within-iteration medians
+  (``proxy_spearman_ground_truth``; ``proxy_spearman_netadapt`` is kept as an alias) and the
+  pooled Spearman (``spearman_netadapt_candidates``) to each row with a fitted model.
   """
-  for ttmpd in (r for r in rows if r['method'] == 'ttmpd' and r.get('proxy')):
-    netadapt = next((r for r in rows if r['method'] == 'netadapt' and
-                     r['dataset'] == ttmpd['dataset'] and r['kd'] == ttmpd['kd']), None)
-    if netadapt is None:
+  truth = {evidence.cell_of(r): r for r in rows
+           if r.get('candidates') and all(c.get('real') is not None for c in r['candidates'])}
+  for row in (r for r in rows if (r.get('proxy') or {}).get('fitted')):
+    ground = truth.get(evidence.cell_of(row))
+    if ground is None or ground is row:
       continue
-    points = [c for c in netadapt.get('candidates', []) if c.get('real') is not None]
-    model = LinearAccuracyModel(np.asarray(ttmpd['proxy']['coef']), True)
-    predicted = model.predict([c['v1'] for c in points], [c['v2'] for c in points])
-    ttmpd['spearman_netadapt_candidates'] = spearman(predicted, [c['real'] for c in points])
-    ttmpd['spearman_netadapt_candidates_n'] = len(points)
-    common.log(f'TT-MPD accuracy model on NetAdapt\'s {len(points)} fine-tuned candidates '
-               f'({ttmpd["dataset"]}, {ttmpd["kd"]} KD): Spearman '
-               f'{ttmpd["spearman_netadapt_candidates"]:.3f}')
+    model = AccuracyModel.from_json(row['proxy'])
+    points = ground['candidates']
+    rho = judges.within_iteration_spearman(points, model)
+    row['proxy_spearman_ground_truth'] = row['proxy_spearman_netadapt'] = rho
+    row['spearman_netadapt_candidates'] = spearman(
+        model.predict([c['v1'] for c in points], [c['v2'] for c in points]),
+        [c['real'] for c in points])
+    row['spearman_netadapt_candidates_n'] = len(points)
+
+
+def _trajectory_accuracy(row: dict[str, Any], pruned: Any, model: Any, dataset: Any) -> None:
+  limit = FLAGS.trajectory_eval_limit
+  if not limit or not pruned.snapshots or 'trajectory' not in row:
+    return
+  subset = dataset.take(limit)
+  runner = Resizable(model)
+  accuracies = {k: train.accuracy(runner, v, subset, FLAGS.eval_batch_size)
+                for k, v in pruned.snapshots}
+  for point in row['trajectory']:
+    point['accuracy_short_term'] = accuracies.get(point['iteration'])
+
+
+def _save_model(ctx: common.Context, source: Any, method: str, kd: str, name: str,
+                row: dict[str, Any], variables: Any) -> str:
+  path = ctx.path('models', f'{method}_{kd}_{name.replace("/", "_")}')
+  checkpoint.save(path, variables, checkpoint.CheckpointMeta(
+      source.spec.with_widths_of(variables), tuple(source.meta.image_shape), source.meta.family,
+      {'method': method, 'kd': kd, 'dataset': name, 'accuracy': row['accuracy'],
+       'latency_ratio': row['latency_ratio']}), overwrite=True)
+  return path
+
+
+def run_cell(ctx: common.Context, source: Any, problem: Any, method: str, config: SearchConfig,
+             finished: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """One method on one prepared problem; a finished row with the same key is reused."""
+  name = problem.dataset.name
+  key = run_key(method, config, name, source.path)
+  if FLAGS.resume and key in finished:
+    common.log(f'=== {method} ({config.kd} KD) on {name}: finished earlier, reusing its row ===')
+    return finished[key]
+  common.log(f'=== {method} ({config.kd} KD) on {name} ===')
+  work_dir = ctx.path('work', f'{method}_{config.kd}_{key}') if FLAGS.resume else None
+  report, variables, pruned = harness.run_method(method, problem, config, work_dir=work_dir,
+                                                 log=common.log)
+  row = report.to_json()
+  row.update(run_key=key, seed=config.seed, model=source.spec.name,
+             accuracy=train.accuracy(problem.model, variables, problem.dataset,
+                                     FLAGS.eval_batch_size))
+  common.log(f'[{method}/{config.kd}] accuracy {row["accuracy"]:.4f}')
+  _trajectory_accuracy(row, pruned, source.model, problem.dataset)
+  if METHODS.get(method).prunes:
+    row['checkpoint'] = _save_model(ctx, source, method, config.kd, name, row, variables)
+  return row
+
+
+def _finished_rows(ctx: common.Context) -> dict[str, dict[str, Any]]:
+  """Rows of an earlier run in ``report.json`` by run key (none when resuming is off)."""
+  path = ctx.path('report.json')
+  if not FLAGS.resume or not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      previous = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path} exists but cannot be read as JSON ({e}); move it away, or pass '
+                    '--noresume to start over') from e
+  return {r['run_key']: r for r in previous.get('runs', []) if 'run_key' in r}
+
+
+def _source_rows(ctx: common.Context, source: Any) -> Any:
+  if not FLAGS.source_eval_corruptions:
+    return None
+  base = ctx.shifted_dataset_names()[0].partition('/')[0]
+  names = [f'{base}/{c}_{s}' for c in FLAGS.source_eval_corruptions for s in FLAGS.severities]
+  common.log('source model under covariate shift:')
+  rows = mode_evaluate.evaluation_rows(source.model, source.variables, ctx, names)
+  mode_evaluate.print_rows(rows)
+  return rows
+
+
+def grid_specs(num_classes: int) -> list[Any]:
+  """``--grid_models`` as model specs (``None``: the single model of --model)."""
+  specs = []
+  for item in FLAGS.grid_models:
+    name, _, rest = item.partition(':')
+    kwargs: dict[str, Any] = {}
+    for part in filter(None, rest.split('/')):
+      key, eq, value = part.partition('=')
+      if not eq:
+        raise UserError(f'--grid_models: {item!r} is not NAME or NAME:KEY=VALUE')
+      try:
+        kwargs[key] = json.loads(value)
+      except ValueError:
+        kwargs[key] = value
+    if name not in MODEL_NAMES:
+      raise UserError(f'--grid_models: unknown model {name!r}; valid: {", ".join(MODEL_NAMES)}')
+    specs.append(ModelSpec(name, num_classes, kwargs))
+  return specs or [None]
+
+
+def grid_seeds() -> list[int]:
+  try:
+    return [int(s) for s in FLAGS.seeds] or [FLAGS.seed]
+  except ValueError as e:
+    raise UserError(f'--seeds: integers expected, got {",".join(FLAGS.seeds)}') from e
+
+
+class Progress:
+  """Cells done, ETA and the running summary of a benchmark grid."""
+
+  def __init__(self, total: int):
+    self.total, self.done, self.start, self.computed = total, 0, time.time(), 0
+
+  def cell_finished(self, runs: list[dict[str, Any]], recomputed: bool) -> None:
+    self.done += 1
+    self.computed += int(recomputed)
+    rate = (time.time() - self.start) / max(self.computed, 1)
+    eta = rate * (self.total - self.done) if self.computed else float('nan')
+    common.log(f'grid: {self.done}/{self.total} cells done, ETA '
+               f'{train.format_seconds(eta) if eta == eta else "?"}')
+    if self.total > 1:
+      print(common.format_table(*evidence.summary_table(evidence.summarize(runs))))
 
 
 def run(ctx: common.Context, mode: str) -> None:
   methods = [FLAGS.method] if mode == 'prune' else list(FLAGS.methods)
   kd_modes = [FLAGS.kd] if mode == 'prune' else list(FLAGS.kd_modes)
-  for method in methods:
-    check_method(method)
-  configs = {kd: search_config(kd) for kd in kd_modes}  # Validates budgets before any work.
-  if not FLAGS['latency_round_to'].present and FLAGS.latency_round_to > FLAGS.round_to:
-    # The table is flat below its smallest grid point: with a coarser grid than the pruning step,
-    # the last channels of a group would look free to keep and the search would over-prune.
-    FLAGS.latency_round_to = FLAGS.round_to
-  source = ctx.source_model()
-  image_shape = tuple(source.meta.image_shape)
-  source_rows = None
-  if FLAGS.source_eval_corruptions:
-    base = ctx.shifted_dataset_names()[0].partition('/')[0]
-    names = [f'{base}/{c}_{s}' for c in FLAGS.source_eval_corruptions for s in FLAGS.severities]
-    common.log('source model under covariate shift:')
-    source_rows = mode_evaluate.evaluation_rows(source.model, source.variables, ctx, names)
-    mode_evaluate.print_rows(source_rows)
-  start = time.time()
-  predictor = predictor_from_flags(source.spec, image_shape)
-  latency_table_s = time.time() - start
-  common.log(f'latency table ready in {latency_table_s:.1f}s: teacher predicted '
-             f'{predictor.predict():.2f} ms at batch {FLAGS.latency_batch}')
+  with config_errors_as_flags():
+    for method in methods:
+      METHODS.get(method)
+  seeds = grid_seeds()
+  configs = {(kd, seed): search_config(kd, seed) for kd in kd_modes for seed in seeds}
   names = ctx.shifted_dataset_names()
   if not names:
     raise UserError('no shifted test set: pass --corruptions/--severities or --test_datasets')
-  rows: list[dict[str, Any]] = []
-  report: dict[str, Any] = {'mode': mode, 'source_checkpoint': source.path,
-                            'teacher_spec': source.spec.to_json(), 'runs': rows,
-                            'latency_batch': FLAGS.latency_batch,
-                            'source_evaluation': source_rows,
+  if hasattr(ctx, 'preflight'):
+    ctx.preflight(['tradeoff.png'], folders=['models', 'work'], latency=True)
+  finished = _finished_rows(ctx)
+  specs = grid_specs(ctx.clean_test_set().num_classes)
+  report: dict[str, Any] = {'mode': mode, 'runs': [], 'latency_batch': FLAGS.latency_batch,
                             'flags': common.flag_values_for_report()}
-  for name in names:
-    dataset = ctx.dataset(name, 'test', FLAGS.test_limit)
-    prepared = harness.prepare(source.spec, source.variables, dataset, configs[kd_modes[0]],
-                               latency_batch=FLAGS.latency_batch,
-                               teacher_bn_adapt=FLAGS.teacher_bn_adapt, log=common.log)
-    for kd in kd_modes:
-      for method in methods:
-        if method.startswith('teacher') and kd != kd_modes[0]:
-          continue
-        config = configs[kd]
-        key = _run_key(method, config, name, source.path)
-        work_dir = ctx.path('work', f'{method}_{kd}_{key}') if FLAGS.resume else None
-        common.log(f'=== {method} ({kd} KD) on {name} ===')
-        row, spec, variables = harness.run_method(
-            method, prepared, config, predict_ms=predictor.predict,
-            latency_table_s=latency_table_s, work_dir=work_dir,
-            eval_batch_size=FLAGS.eval_batch_size,
-            trajectory_eval_limit=FLAGS.trajectory_eval_limit or 0, log=common.log)
-        if not method.startswith('teacher'):
-          path = ctx.path('models', f'{method}_{kd}_{name.replace("/", "_")}')
-          checkpoint.save(path, variables, checkpoint.CheckpointMeta(
-              spec, image_shape, source.meta.family,
-              {'method': method, 'kd': kd, 'dataset': name, 'accuracy': row['accuracy'],
-               'latency_ratio': row['latency_ratio']}), overwrite=True)
-          row['checkpoint'] = path
-          if not row.get('reached_target', True):
-            common.log(f'note: {row["message"]}')
-        rows.append(row)
-        cross_check_proxy(rows)
-        ctx.write_report(report)  # Partial results survive a later failure.
+  progress = Progress(len(specs) * len(names) * len(seeds))
+  for spec in specs:
+    source = ctx.source_model(spec) if spec is not None else ctx.source_model()
+    report.setdefault('source_checkpoint', source.path)
+    report.setdefault('teacher_spec', source.spec.to_json())
+    report.setdefault('source_evaluation', _source_rows(ctx, source))
+    start = time.time()
+    predictor = predictor_from_flags(source.spec, tuple(source.meta.image_shape))
+    latency_s = time.time() - start
+    common.log(f'latency table ready in {latency_s:.1f}s: {source.spec.name} predicted '
+               f'{predictor.predict():.2f} ms at batch {FLAGS.latency_batch}')
+    for name in names:
+      dataset = ctx.dataset(name, 'test', FLAGS.test_limit)
+      for seed in seeds:
+        with config_errors_as_flags():
+          problem = prepare(source.model, source.variables, dataset, configs[kd_modes[0], seed],
+                            latency=predictor, latency_batch=FLAGS.latency_batch,
+                            latency_table_s=latency_s, log=common.log)
+        first = len(report['runs'])
+        for kd in kd_modes:
+          for method in methods:
+            if not METHODS.get(method).prunes and kd != kd_modes[0]:
+              continue
+            report['runs'].append(run_cell(ctx, source, problem, method, configs[kd, seed],
+                                           finished))
+            cross_check_proxy(report['runs'])
+            report['summary'] = evidence.summarize(report['runs'])
+            ctx.write_report(report)  # Each finished method is on disk before the next starts.
+        progress.cell_finished(report['runs'], recomputed=any(
+            r.get('run_key') not in finished for r in report['runs'][first:]))
+  _finish(ctx, report, source)
+
+
+def _finish(ctx: common.Context, report: dict[str, Any], source: Any) -> None:
   print()
-  print(_table(rows))
+  print(table(report['runs']))
   print()
-  plot = plot_tradeoff(rows, ctx.path('tradeoff.png'),
-                       title=f'{source.spec.name}: accuracy vs measured latency '
-                             f'(target {FLAGS.latency_target:g})')
-  report['plot'] = plot
+  missed = [f'{r["method"]} on {r["dataset"]}' for r in report['runs'] if not r.get('met_target')]
+  if missed:
+    common.log(f'note: measured latency target missed by {", ".join(missed)} (marked MISSED)')
+  if len({evidence.cell_of(r) for r in report['runs']}) > 1:
+    header, rows = evidence.summary_table(report['summary'])
+    print(common.format_table(header, rows))
+    print()
+    report['grid_plot'] = evidence.plot_grid(
+        report['summary'], ctx.path('benchmark_grid.png'),
+        title=f'accuracy vs prune + fine-tune time (target {FLAGS.latency_target:g}, 95% CIs)')
+  report['plot'] = plot_tradeoff(report['runs'], ctx.path('tradeoff.png'),
+                                 title=f'{source.spec.name}: accuracy vs measured latency '
+                                       f'(target {FLAGS.latency_target:g})')
   ctx.write_report(report)
-  common.log(f'plot: {plot}')
+  common.log(f'plot: {report["plot"]}')

@@ -1,27 +1,31 @@
-"""Latency model: protocol, structure analysis, interpolation, table file handling, predictor."""
+"""Latency model: protocol, unit discovery, fitting/prediction, table files, correction."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ttmpd_jax.latency import (CompilationCounter, LatencyPredictor, LatencyTable, ModelStructure,
-                               TableError, UnitConfig, channel_grid, fit_calibration,
-                               interpolate, interpolate_diagonal, measure, measure_many,
-                               measure_model, random_architectures, synthetic_variables)
+from ttmpd_jax import pruning
+from ttmpd_jax.latency import (CompilationCounter, CpuMonitor, LatencyPredictor, LatencyTable,
+                               ModelStructure, TableError, channel_grid, fit_costs, measure,
+                               measure_many, measure_model, measure_relative,
+                               random_architectures, synthetic_variables)
+from ttmpd_jax.latency import predictor as predictor_lib
+from ttmpd_jax.latency import protocol
 from ttmpd_jax.latency import table as table_lib
 from ttmpd_jax.models import ModelSpec, build_model
-from ttmpd_jax.models.inspect import layer_inventory
 
 FAKE_KEY = {'device_kind': 'cpu', 'platform': 'cpu', 'jax_version': '0.0-test',
             'jaxlib_version': '0.0-test', 'cpu_model': 'test', 'cpu_cores': 2}
+QUIET = lambda s: None  # noqa: E731
 
 
 # ---- protocol ----------------------------------------------------------------------------------
@@ -71,7 +75,73 @@ def test_compilation_counter_counts_cache_misses_only():
   assert counter.count == 2
 
 
-# ---- structure ---------------------------------------------------------------------------------
+def test_measure_relative_ratios_and_load():
+  a = jnp.ones((160, 160), jnp.float32)
+  small = jax.jit(lambda x: x @ x)
+  big = jax.jit(lambda x: (x @ x) @ (x @ x) @ (x @ x) @ (x @ x) @ x @ x @ x @ x)
+  same, larger = measure_relative((small, (a,)), [(small, (a,)), (big, (a,))], repeats=12)
+  assert 0.6 < same.ratio < 1.6 and larger.ratio > 2.0
+  assert same.reference is larger.reference and same.ms > 0 and same.ratio_iqr >= 0
+  assert same.foreign_load is None or 0.0 <= same.foreign_load <= 1.0
+  with CpuMonitor() as monitor:
+    time.sleep(0.05)
+  assert monitor.foreign_load is None or 0.0 <= monitor.foreign_load <= 1.0
+
+
+# ---- unit discovery ----------------------------------------------------------------------------
+class ConcatDepthwise(nn.Module):
+  """Two branches concatenated on channels, a depthwise conv over the concatenation, a head."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    a = nn.relu(nn.BatchNorm(use_running_average=not train, name='a_bn')(
+        nn.Conv(8, (3, 3), use_bias=False, name='a')(x)))
+    b = nn.relu(nn.Conv(4, (1, 1), name='b')(x))
+    y = jnp.concatenate([a, b], axis=-1)
+    y = nn.relu(nn.Conv(12, (3, 3), strides=2, feature_group_count=12, name='dw')(y))
+    y = nn.relu(nn.Conv(6, (1, 1), name='project')(y))
+    return nn.Dense(3, name='head')(y.reshape((y.shape[0], -1)))
+
+
+def _abstract(model, image_shape):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                           train=False))
+
+
+def _kernel_shapes(variables):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path[:-1]): leaf.shape
+          for path, leaf in jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+          if str(getattr(path[-1], 'key', '')) == 'kernel'}
+
+
+def test_units_of_a_model_with_concatenation_and_depthwise():
+  model = ConcatDepthwise()
+  structure = ModelStructure.from_model(model, _abstract(model, (8, 8, 2)), (4, 8, 8, 2))
+  units = {u.path: u for u in structure.units}
+  assert list(units) == ['a', 'b', 'dw', 'project', 'head']
+  assert set(structure.prunable) == {'a', 'b', 'project'}  # head feeds the output
+  assert [g for g, _ in units['dw'].record.inputs] == ['a', 'b']  # concatenation: two groups
+  assert units['dw'].depthwise and structure.width_keys['a'] == ('a', 'dw')
+  assert units['head'].record.c_in == 4 * 4 * 6  # flatten of [4, 4, 6]
+  assert units['a'].out_positions == 4 * 8 * 8 and units['dw'].out_positions == 4 * 4 * 4
+  # Width spec -> channels, checked against the physically pruned kernels.
+  variables = synthetic_variables(model, (1, 8, 8, 2))
+  for kept in ({'a': 3, 'b': 2, 'project': 5}, {'a': 8, 'b': 1, 'project': 1}, {}):
+    widths = structure.widths_of(kept)
+    masks = {g: np.arange(structure.sizes[g]) < k for g, k in kept.items()}
+    small = pruning.remove_channels(variables, structure.groups, masks)
+    shapes = _kernel_shapes(small)
+    c_in, c_out = structure.channels(widths)
+    for u, ci, co in zip(structure.units, c_in, c_out):
+      assert shapes[u.path][-1] == co, u.path
+      assert shapes[u.path][-2] == (1 if u.depthwise else ci), u.path
+    assert widths == {p: s[-1] for p, s in shapes.items()}
+    y = pruning.run_pruned(model, small, jnp.ones((2, 8, 8, 2)), train=False)
+    assert y.shape == (2, 3)
+  f_full, f_small = structure.features(None), structure.features({'a': 4})
+  assert np.all(f_small <= f_full) and f_small[2, 0] < f_full[2, 0]  # dw MACs shrink with 'a'
+
+
 SPECS = [ModelSpec('resnet8', 10, {'base_width': 8}),
          ModelSpec('vgg_small', 10, {'config': (8, 'M', 16, 'M'), 'hidden': 16}),
          ModelSpec('mobilenetv2', 10, {'width_multiplier': 0.25, 'small_input': True,
@@ -79,134 +149,130 @@ SPECS = [ModelSpec('resnet8', 10, {'base_width': 8}),
 
 
 @pytest.mark.parametrize('spec', SPECS, ids=lambda s: s.name)
-def test_structure_channels_match_layer_inventory(spec):
+def test_zoo_channels_match_rebuilt_models(spec):
   image_shape = (16, 16, 1)
-  structure = ModelStructure.from_spec(spec, image_shape, batch=2)
-  archs = [structure.full_widths] + random_architectures(structure, 3, round_to=4, seed=0)
-  for widths in archs:
-    pruned = spec.with_widths(widths)
-    model = build_model(pruned)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
-                                                  train=False))
-    inventory = {l.path: l for l in layer_inventory(model, variables, (2, *image_shape))
-                 if l.kind in ('conv', 'dense')}
+  model = build_model(spec)
+  structure = ModelStructure.from_model(model, _abstract(model, image_shape), (2, *image_shape))
+  assert structure.full_widths == {p: s[-1] for p, s in _kernel_shapes(
+      _abstract(model, image_shape)).items()}
+  for widths in random_architectures(structure, 3, round_to=4, seed=0):
+    pruned = build_model(spec.with_widths(widths))
+    shapes = _kernel_shapes(_abstract(pruned, image_shape))
     c_in, c_out = structure.channels(widths)
-    assert [u.path for u in structure.units] == list(inventory)
     for u, ci, co in zip(structure.units, c_in, c_out):
-      assert (ci, co) == (inventory[u.path].c_in, inventory[u.path].c_out), u.path
-      if u.depthwise:
-        assert inventory[u.path].groups == ci
-
-
-def test_structure_resnet8_groups_and_producers():
-  s = ModelStructure.from_spec(ModelSpec('resnet8', 10, {'base_width': 8}), (28, 28, 1), 4)
-  by_path = {u.path: u for u in s.units}
-  assert by_path['stem'].producer is None and by_path['stem'].c_in_full == 1
-  assert s.units[by_path['stage3_block0/conv1'].producer].path == 'stage2_block0/conv2'
-  assert by_path['head'].feeds_output and by_path['head'].config.kind == 'dense'
-  assert by_path['stage2_block0/conv1'].config.strides == (2, 2)
-  assert by_path['stage2_block0/conv1'].config.batchnorm
-  groups = s.prunable_groups()
-  assert ('stem', 'stage1_block0/conv2') in groups
-  assert ('stage2_block0/conv2', 'stage2_block0/shortcut') in groups
-  assert not any('head' in g for g in groups)
-  assert not any(u.config.pool for u in s.units)  # Residual joins end every ResNet unit.
-  vgg = ModelStructure.from_spec(SPECS[1], (16, 16, 1), 2)
-  by_path = {u.path: u for u in vgg.units}
-  assert by_path['fc1'].in_factor == 16 and by_path['fc1'].c_in_full == 16 * 16  # 4x4x16 flat
-  assert by_path['conv0'].config.pool[:3] == ('max', (1, 2, 2, 1), (1, 2, 2, 1))
-  mobilenet = ModelStructure.from_spec(SPECS[2], (16, 16, 1), 2)
-  assert [u.path for u in mobilenet.units if u.config.pool] == ['last']
-  assert mobilenet.units[-2].config.pool == ('mean',)
-
-
-@pytest.mark.parametrize('pool', [('max', (1, 2, 2, 1), (1, 2, 2, 1), ((0, 0),) * 4), ('mean',)])
-def test_unit_function_includes_following_pool(pool):
-  config = UnitConfig('conv', 2, (8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), batchnorm=True,
-                      pool=pool)
-  args = table_lib.unit_arguments(config, 4, 6, np.random.default_rng(0))
-  out = table_lib.unit_function(config)(*args)
-  assert out.shape == ((2, 4, 4, 6) if pool[0] == 'max' else (2, 6))
-  assert config.key() != dataclasses.replace(config, pool=()).key()
+      assert shapes[u.path][-1] == co and shapes[u.path][-2] == (1 if u.depthwise else ci)
 
 
 def test_channel_grid():
   assert channel_grid(20, 8) == (8, 16, 20)
-  assert channel_grid(16, 8) == (8, 16)
   assert channel_grid(3, 8) == (3,)
   assert channel_grid(256, 8, max_points=8) == (32, 64, 96, 128, 160, 192, 224, 256)
 
 
-# ---- interpolation -----------------------------------------------------------------------------
-def test_interpolation_exact_at_grid_points():
-  rng = np.random.default_rng(0)
-  gi, go = (8, 16, 24, 32), (8, 16, 20)
-  values = rng.uniform(0.1, 5.0, (4, 3))
-  for a, ci in enumerate(gi):
-    for b, co in enumerate(go):
-      assert interpolate(gi, go, values, ci, co) == pytest.approx(values[a, b], rel=1e-12)
-  diag = rng.uniform(0.1, 5.0, 4)
-  for a, c in enumerate(gi):
-    assert interpolate_diagonal(gi, diag, c) == pytest.approx(diag[a], rel=1e-12)
-  # Halfway between grid points is the mean of the neighbours.
-  assert interpolate(gi, go, values, 12, 8) == pytest.approx((values[0, 0] + values[1, 0]) / 2)
-
-
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), ci=st.floats(1, 48), co=st.floats(1, 48),
-       d=st.floats(0, 16), axis=st.sampled_from(['in', 'out', 'both']))
-def test_interpolation_monotone_where_entries_are(seed, ci, co, d, axis):
+# ---- fitting and prediction (no measurement: synthetic tables) ---------------------------------
+def _synthetic_predictor(tmp_path=None, noise=0.0, seed=0):
+  """A predictor for a small ResNet whose table holds ratios of a known linear cost model."""
+  spec = ModelSpec('resnet8', 10, {'base_width': 8})
+  model = build_model(spec)
+  path = None if tmp_path is None else str(tmp_path / 'table.json')
+  table = LatencyTable(FAKE_KEY, path, log=QUIET)
+  p = LatencyPredictor.from_model(model, _abstract(model, (12, 12, 1)), (4, 12, 12, 1), table,
+                                  round_to=2, build=False, log=QUIET)
   rng = np.random.default_rng(seed)
-  gi, go = (8, 16, 24, 32), (8, 16, 32)
-  # Entries increasing in both channel counts.
-  values = np.cumsum(np.cumsum(rng.uniform(0.01, 1.0, (4, 3)), axis=0), axis=1)
-  di = d if axis in ('in', 'both') else 0.0
-  do = d if axis in ('out', 'both') else 0.0
-  lo = interpolate(gi, go, values, ci, co)
-  hi = interpolate(gi, go, values, ci + di, co + do)
-  assert 0 < lo <= hi + 1e-12
-  diag = np.cumsum(rng.uniform(0.01, 1.0, 4))
-  assert interpolate_diagonal(gi, diag, ci) <= interpolate_diagonal(gi, diag, ci + d) + 1e-12
+  theta = rng.uniform(0.5, 2.0, (len(p.structure.units), 3)) * np.array([1e3, 1e1, 1e1])
+  truth = lambda w: 0.5 + float(np.sum(theta * p.structure.features(w)))  # noqa: E731
+  full = truth(None)
+  for w in p.design():
+    ratio = truth(w) / full * (1 + noise * rng.standard_normal())
+    table.put(p.entry_key(w), {'ms': 10.0 * ratio, 'ratio': ratio, 'ref_ms': 10.0})
+  p.refit()
+  return p, lambda w: 10.0 * truth(w) / full
+
+
+def test_fit_recovers_a_linear_cost_model_and_interpolates_between_probes():
+  p, truth = _synthetic_predictor()
+  assert p.fit.max_error < 0.03 and p.predict() == pytest.approx(10.0, rel=0.03)
+  # Architectures never probed (odd widths, off the probe counts) are predicted as well.
+  for w in random_architectures(p.structure, 10, round_to=1, seed=4):
+    assert p.predict(w) == pytest.approx(truth(w), rel=0.03)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_prediction_is_monotone_in_every_group_width(seed):
+  p = _MONO[0]
+  rng = np.random.default_rng(seed)
+  small = p.structure.random_widths(rng, 1, min_keep=0.1)
+  kept = p.structure.kept(small)
+  bigger = {g: rng.integers(k, p.structure.sizes[g] + 1) for g, k in kept.items()}
+  assert 0 < p.predict(small) <= p.predict(p.structure.widths_of(bigger)) + 1e-9
+
+
+_MONO = [_synthetic_predictor(noise=0.05, seed=1)[0]]
+
+
+def test_fit_costs_shrinks_to_shared_costs():
+  rng = np.random.default_rng(0)
+  feats = [rng.uniform(0.1, 1.0, (4, 3)) for _ in range(3)]  # Fewer points than unit costs.
+  fit = fit_costs(feats, [f.sum() + 0.2 for f in feats])
+  assert np.all(fit.theta >= 0) and fit.constant >= 0 and fit.max_error < 0.05
+  assert np.ptp(fit.theta[:, 0]) < 0.5 * fit.theta[:, 0].mean()  # Pulled together.
+  with pytest.raises(ValueError):
+    fit_costs(feats, [1.0, -1.0, 1.0])
+
+
+def test_predict_is_fast_and_never_compiles():
+  p, _ = _synthetic_predictor()
+  archs = random_architectures(p.structure, 50, round_to=1, seed=3)
+  with CompilationCounter() as counter:
+    start = time.perf_counter()
+    values = [p.predict(w) for w in archs]
+    per_call = (time.perf_counter() - start) / len(archs)
+  assert counter.count == 0 and all(v > 0 for v in values)
+  assert per_call < 1e-3, per_call
+  assert p.saving(None, archs[0]) == pytest.approx(p.predict(None) - p.predict(archs[0]))
+
+
+def test_correct_refits_only_beyond_noise(tmp_path):
+  p, truth = _synthetic_predictor(tmp_path)
+  messages = []
+  p.log = messages.append
+  w = random_architectures(p.structure, 1, round_to=2, seed=9)[0]
+  assert not p.correct(w, p.predict(w) * 1.01, 10.0, spread=0.01)  # Within noise.
+  assert not messages
+  # The machine got faster (stale table built under load): teacher now 7 ms, not 10 ms.
+  assert p.correct(w, 0.7 * truth(w), teacher_ms=7.0, spread=0.01)
+  assert 'refitted' in messages[-1]
+  assert p.predict(w) == pytest.approx(0.7 * truth(w), rel=0.03)
+  assert p.predict(None) == pytest.approx(7.0, rel=0.03)
+  # Persisted: a predictor opened from the saved table predicts the same.
+  again = LatencyTable.open(p.table.path, key=FAKE_KEY, log=QUIET)
+  q = LatencyPredictor(p.structure, again, p.model, p.variables, round_to=2, log=QUIET)
+  assert q.predict(w) == pytest.approx(p.predict(w), rel=1e-6)
+  # Without the teacher's time, only the overall scale moves.
+  assert p.correct(w, 2.0 * p.predict(w))
+  assert p.predict(w) == pytest.approx(2.0 * 0.7 * truth(w), rel=0.04)
 
 
 # ---- table files -------------------------------------------------------------------------------
-TINY = UnitConfig('conv', 2, (8, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), batchnorm=True)
-TINY_DENSE = UnitConfig('dense', 2, bias=True)
-
-
-def _requests():
-  return ([(TINY, ci, co) for ci in (4, 8) for co in (4, 8)]
-          + [(TINY_DENSE, 8, 4), (TINY_DENSE, 16, 4)])
-
-
-def test_table_incremental_roundtrip_and_lookup(tmp_path):
-  path = str(tmp_path / 'table.json')
-  table = LatencyTable.open(path, key=FAKE_KEY, log=lambda s: None)
-  assert table.ensure(_requests(), repeats=3, warmup=1) == 6
-  assert table.ensure(_requests(), repeats=3, warmup=1) == 0  # Nothing new.
-  assert not [f for f in os.listdir(tmp_path) if f.startswith('.tmp')]  # Atomic save cleaned up.
-  again = LatencyTable.open(path, key=FAKE_KEY, log=lambda s: None)
-  assert again.entries == table.entries and again.missing(_requests()) == []
-  assert again.ensure(_requests() + [(TINY, 8, 12)], repeats=3, warmup=1) == 1
-  for config, ci, co in _requests():
-    assert again.lookup(config, ci, co) == pytest.approx(again.get(config, ci, co))
-  assert again.lookup(TINY, 6, 6) > 0
+def _entry(ratio=1.0, **extra):
+  return {'ms': 10.0 * ratio, 'ratio': ratio, 'ref_ms': 10.0, **extra}
 
 
 def test_table_key_mismatch_is_refused(tmp_path):
   path = str(tmp_path / 'table.json')
   table = LatencyTable(FAKE_KEY, path)
-  table.entries[table_lib.entry_key(TINY, 4, 4)] = {'ms': 1.0, 'iqr_ms': 0.0, 'n': 3}
+  table.put('m|x', _entry())
   table.save()
+  assert LatencyTable.open(path, key=FAKE_KEY).entries == table.entries
   other = dict(FAKE_KEY, jax_version='9.9')
   with pytest.raises(TableError, match='different device, JAX version or XLA flags'):
     LatencyTable.open(path, key=other)
-  with pytest.raises(TableError, match='cpu_model'):
-    LatencyTable.open(path, key=dict(FAKE_KEY, cpu_model='other'))
+  with pytest.raises(TableError, match='cpu_cores'):
+    LatencyTable.open(path, key=dict(FAKE_KEY, cpu_cores=16))
   with pytest.raises(TableError, match='xla_flags'):  # Other compiler flags: other code.
     LatencyTable.open(path, key=dict(FAKE_KEY,
                                      xla_flags='--xla_cpu_experimental_ynn_fusion_type='))
-  # The default location is per device key, so another device never even finds this file.
   assert (table_lib.default_table_path(str(tmp_path), FAKE_KEY)
           != table_lib.default_table_path(str(tmp_path), other))
 
@@ -223,9 +289,10 @@ def test_device_key_includes_codegen_flags_only(monkeypatch):
 
 
 @pytest.mark.parametrize('content', [
-    '{"format": "ttmpd_jax.latency_table", "version": 1, "key": {', 'not json at all',
-    '[]', '{"format": "ttmpd_jax.latency_table", "version": 1, "key": {}, "entries": '
-    '{"x": {"ms": -1}}}', b'\xff\xfe\x00binary'])
+    '{"format": "ttmpd_jax.latency_table", "version": 2, "key": {', 'not json at all', '[]',
+    '{"format": "ttmpd_jax.latency_table", "version": 1, "key": {}, "entries": {}}',
+    '{"format": "ttmpd_jax.latency_table", "version": 2, "key": {}, "entries": '
+    '{"x": {"ms": -1, "ratio": 1}}}', b'\xff\xfe\x00binary'])
 def test_corrupted_table_is_rebuilt_or_refused(tmp_path, content):
   path = tmp_path / 'table.json'
   if isinstance(content, bytes):
@@ -238,65 +305,48 @@ def test_corrupted_table_is_rebuilt_or_refused(tmp_path, content):
   table = LatencyTable.open(str(path), key=FAKE_KEY, log=messages.append)
   assert len(table) == 0 and 'corrupted' in messages[0] and 'rebuilding' in messages[0]
   assert os.path.exists(str(path) + '.corrupt') and not path.exists()
-  table.ensure(_requests()[:1], repeats=2, warmup=0)
+  table.put('m|x', _entry())
+  table.save()
   assert json.loads(path.read_text())['format'] == table_lib.FORMAT
 
 
-def test_incomplete_table_gives_clear_error():
-  structure = ModelStructure.from_spec(SPECS[0], (8, 8, 1), 2)
-  with pytest.raises(TableError, match='latency_table'):
-    LatencyPredictor(structure, LatencyTable(FAKE_KEY), round_to=4)
+def test_missing_measurements_give_a_clear_error():
+  p, _ = _synthetic_predictor()
+  empty = LatencyTable(FAKE_KEY, log=QUIET)
+  q = LatencyPredictor(p.structure, empty, p.model, p.variables, log=QUIET)
+  with pytest.raises(TableError, match='no measurement of this model'):
+    q.predict()
 
 
-# ---- predictor ---------------------------------------------------------------------------------
-def test_fit_calibration():
-  sums = [10.0, 20.0, 40.0]
-  cal = fit_calibration(sums, [1.2 * s + 3.0 for s in sums])
-  assert cal.fit == 'affine' and cal.scale == pytest.approx(1.2) and cal.offset_ms == pytest.approx(3)
-  assert cal.max_relative_error < 1e-6 and cal.apply(50.0) == pytest.approx(63.0)
-  cal = fit_calibration(sums, [s + 5.0 for s in sums], fit='offset')
-  assert (cal.scale, cal.offset_ms) == (1.0, pytest.approx(5.0))
-  cal = fit_calibration(sums, [0.8 * s - 1.0 for s in sums])  # Offset clipped at 0.
-  assert cal.offset_ms == pytest.approx(0.0, abs=1e-6) and 0.7 < cal.scale < 0.8
-  messages = []
-  cal = fit_calibration(sums, [10 * s for s in sums], log=messages.append)  # Implausible scale.
-  assert cal.scale == pytest.approx(5.0) and 'far from 1' in messages[0]
-  # Two execution paths with different true scales are separated when the data allow it.
-  pairs = [(10.0, 0.0), (0.0, 10.0), (10.0, 20.0), (30.0, 5.0)]
-  measured = [1.0 * x + 0.6 * y + 2.0 for x, y in pairs]
-  cal = fit_calibration(pairs, measured, fit='per_path')
-  assert cal.scale == pytest.approx(1.0, abs=0.05) and cal.scale_ynn == pytest.approx(0.6, abs=0.05)
-  assert cal.max_relative_error < 0.03
-
-
-def test_predictor_build_predict_calibrate_incrementally(tmp_path):
-  spec = ModelSpec('resnet8', 10, {'base_width': 4})
+# ---- measuring in context ----------------------------------------------------------------------
+def test_build_measures_once_then_reuses_and_remeasures_loaded_probes(tmp_path, monkeypatch):
+  model = ConcatDepthwise()
   path = str(tmp_path / 'table.json')
-  table = LatencyTable.open(path, key=FAKE_KEY, log=lambda s: None)
-  predictor = LatencyPredictor.build(spec, (12, 12, 1), 4, table, round_to=4, repeats=3,
-                                     warmup=1)
-  assert table.measured > 0 and len(table) == table.measured
-  full = predictor.structure.full_widths
-  # Uncalibrated prediction of the full model = sum of its grid entries.
-  c_in, c_out = predictor.structure.channels(full)
-  expected = sum(table.get(u.config, a, b) for u, a, b in zip(predictor.structure.units, c_in,
-                                                              c_out))
-  assert predictor.predict(full) == pytest.approx(expected)
-  cal = predictor.calibrate(repeats=3, warmup=1)
-  assert len(cal.points) >= 2 and table.measured_end_to_end == len(cal.points)
+  table = LatencyTable.open(path, key=FAKE_KEY, log=QUIET)
+  p = LatencyPredictor.from_model(model, _abstract(model, (8, 8, 2)), (4, 8, 8, 2), table,
+                                  round_to=2, random_probes=2, probes_per_group=1, repeats=3,
+                                  warmup=1, log=QUIET)
+  design = p.design()
+  assert table.measured == len(design) == len(table) and p.fit.n == len(design)
+  entry = table.get(p.entry_key(None))
+  assert entry['ratio'] == pytest.approx(1.0, abs=0.5) and entry['ms'] > 0
+  assert all(e['ms'] > 0 and e['ratio'] > 0 for e in table.entries.values())
+  assert p.predict() > 0 and p.predict({'a': 2, 'b': 1}) > 0
 
-  # Second run: the same table file, nothing new measured, same calibration.
-  table2 = LatencyTable.open(path, key=FAKE_KEY, log=lambda s: None)
-  predictor2 = LatencyPredictor.build(spec, (12, 12, 1), 4, table2, round_to=4)
-  cal2 = predictor2.calibrate()
-  assert table2.measured == 0 and table2.measured_end_to_end == 0
-  assert cal2 == cal
+  again = LatencyTable.open(path, key=FAKE_KEY, log=QUIET)  # Second build: nothing measured.
+  q = LatencyPredictor.from_model(model, _abstract(model, (8, 8, 2)), (4, 8, 8, 2), again,
+                                  round_to=2, random_probes=2, probes_per_group=1, log=QUIET)
+  assert again.measured == 0 and q.predict() == pytest.approx(p.predict())
 
-  # predict never compiles and is fast; savings are consistent.
-  archs = random_architectures(predictor2.structure, 10, round_to=2, seed=3)
-  with CompilationCounter() as counter:
-    preds = [predictor2.predict(w) for w in archs]
-  assert counter.count == 0
-  assert all(p > 0 for p in preds)
-  assert predictor2.saving(full, archs[0]) == pytest.approx(
-      predictor2.predict(full) - predictor2.predict(archs[0]))
+  # Probes measured on a busy machine are re-measured once it is quiet, not before.
+  busy_key = p.entry_key(design[1])
+  for key, entry in again.entries.items():
+    entry['loaded'] = key == busy_key
+  monkeypatch.setattr(protocol, 'foreign_load', lambda seconds=0.5: 0.9)
+  q.build()
+  assert again.measured == 0
+  monkeypatch.setattr(protocol, 'foreign_load', lambda seconds=0.5: 0.0)
+  q.build()
+  assert again.measured == 1 and again.entries[busy_key]['source'] == 'probe'
+  measured = q.measure([{'a': 4}], repeats=3, warmup=1)[0]
+  assert measured.ms > 0 and measured.teacher_ms > 0 and measured.widths['a'] == 4

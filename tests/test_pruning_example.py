@@ -12,7 +12,7 @@ EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
 
 def test_readme_example_runs():
   blocks = [b for b in re.findall(r'```python\n(.*?)```', EXAMPLE.read_text(), re.S)
-            if 'discover_groups' in b]
+            if 'run_pruned' in b and 'ttmpd_jax.prune(' not in b]
   assert len(blocks) == 1
   assert len(blocks[0].strip().splitlines()) <= 25
   namespace: dict = {}

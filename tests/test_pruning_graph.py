@@ -156,7 +156,7 @@ class _Custom(nn.Module):
 
 
 @pytest.mark.parametrize('model,needle', [
-    (_LayerNormNet(), "'reduce_sum' in layer '_LayerNormNet/ln'"),
+    (_LayerNormNet(), "layer 'ln' (LayerNorm), not a supported layer kind"),
     (_Grouped(), "grouped convolution (feature_group_count=2"),
     (_Custom(), "unsupported primitive 'bessel_i1e'"),
 ])

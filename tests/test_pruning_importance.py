@@ -127,3 +127,18 @@ def test_taylor_bn_falls_back_to_weights_without_a_norm_layer():
   bn, weight = pruning.taylor(v, grads, groups), pruning.taylor(v, grads, groups, on='weight')
   np.testing.assert_array_equal(bn['fc1'], weight['fc1'])  # fc1 has no BatchNorm.
   assert not np.array_equal(bn['conv4'], weight['conv4'])
+
+
+def test_norms_of_one_dimensional_weights_are_magnitudes():
+  # A [C] weight (e.g. a per-channel scale acting as a producer): the norm of each channel's
+  # one-element slice is its magnitude, never signed or NaN.
+  w = jnp.array([-3.0, 4.0, -0.5])
+  group = pruning.ChannelGroup('g', 3, (pruning.Member(('params', 'w'), 0, 'out'),))
+  variables = {'params': {'w': w}}
+  for members in ('out', 'all'):
+    np.testing.assert_allclose(pruning.l1_norm(variables, [group], members=members)['g'],
+                               [3.0, 4.0, 0.5])
+    np.testing.assert_allclose(pruning.l2_norm(variables, [group], members=members)['g'],
+                               [3.0, 4.0, 0.5])
+  np.testing.assert_allclose(
+      pruning.per_channel(w, group.members[0], 3, lambda x, a: jnp.abs(x).sum(a)), [3, 4, 0.5])

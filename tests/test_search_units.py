@@ -9,8 +9,9 @@ from ttmpd_jax.errors import UserError
 from ttmpd_jax.pruning.graph import ChannelGroup, Member
 from ttmpd_jax.search import oneshot
 from ttmpd_jax.search.candidates import keep_counts, make_candidates, selection_score
-from ttmpd_jax.search.config import SearchConfig, check_method
-from ttmpd_jax.search.proxy import LinearAccuracyModel, agreement_and_kl, spearman
+from ttmpd_jax.search.config import ConfigError, SearchConfig
+from ttmpd_jax.search.methods import METHODS
+from ttmpd_jax.search.proxy import AccuracyModel, agreement_and_kl, spearman
 
 
 def _group(name, size):
@@ -88,7 +89,7 @@ def test_linear_accuracy_model_recovers_coefficients_and_ranks():
   rng = np.random.default_rng(0)
   v1, v2 = rng.uniform(0.3, 1.0, 12), rng.uniform(0.0, 2.0, 12)
   acc = 0.1 + 0.8 * v1 - 0.05 * v2
-  model = LinearAccuracyModel().fit(v1, v2, acc)
+  model = AccuracyModel.fit(v1, v2, acc)
   np.testing.assert_allclose(model.coef, [0.1, 0.8, -0.05], atol=2e-3)
   assert spearman(model.predict(v1, v2), acc) == pytest.approx(1.0)
   assert np.isnan(spearman([1, 2], [2, 1]))
@@ -99,7 +100,7 @@ def test_accuracy_model_never_rewards_kl():
   v1 = np.array([0.80, 0.82, 0.84, 0.86])
   v2 = np.array([0.50, 0.30, 0.60, 0.40])
   acc = np.array([0.80, 0.81, 0.84, 0.845])
-  model = LinearAccuracyModel().fit(v1, v2, acc)
+  model = AccuracyModel.fit(v1, v2, acc)
   assert model.coef[1] >= 0 and model.coef[2] <= 0
   # A candidate with poor agreement and a huge KL is never predicted to beat a good one.
   assert model.predict(0.3, 3.0) < model.predict(0.85, 0.4)
@@ -115,12 +116,12 @@ def test_agreement_and_kl():
 
 @pytest.mark.parametrize('kwargs,needle', [
     ({'latency_target': 1.0}, 'latency_target'), ({'latency_target': 0.0}, 'latency_target'),
-    ({'kd': 'sometimes'}, '--kd'), ({'round_to': 0}, 'round_to')])
+    ({'kd': 'sometimes'}, 'kd'), ({'round_to': 0}, 'round_to')])
 def test_bad_budgets(kwargs, needle):
   with pytest.raises(UserError, match=needle):
     SearchConfig(**kwargs)
 
 
 def test_unknown_method_lists_methods():
-  with pytest.raises(UserError, match='ttmpd, netadapt, eagleeye'):
-    check_method('magic')
+  with pytest.raises(ConfigError, match='ttmpd, netadapt, eagleeye, halp, uniform, teacher'):
+    METHODS.get('magic')

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ttmpd_jax.errors import ConfigError
+
 DATA_AXIS = 'data'
 
 
@@ -34,9 +36,13 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places every leaf of ``tree`` on all devices of ``mesh``."""
-  return jax.device_put(tree, replicated(mesh))
+def replicate(tree: Any, mesh: Mesh, *, copy: bool = False) -> Any:
+  """Places every leaf of ``tree`` on all devices of ``mesh``.
+
+  ``copy=True`` never aliases the input buffers (needed before donating the result to a step:
+  donation would otherwise invalidate the caller's arrays); a plain device copy, no compilation.
+  """
+  return jax.device_put(tree, replicated(mesh), may_alias=False if copy else None)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
@@ -51,7 +57,8 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-def check_batch_divisible(batch_size: int, mesh: Mesh, flag: str = '--batch_size') -> None:
+def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = 'batch_size') -> None:
+  """Global batches are split evenly over the devices; ``field`` names the setting."""
   if batch_size % mesh.size:
-    raise ValueError(f'{flag}={batch_size} must be divisible by the number of devices '
-                     f'({mesh.size})')
+    raise ConfigError(field, f'{batch_size} must be divisible by the number of devices '
+                      f'({mesh.size})')

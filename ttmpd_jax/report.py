@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
+from ttmpd_jax.fileio import atomic_path
+
 MARKERS = {'ttmpd': ('*', 'tab:red'), 'netadapt': ('s', 'tab:blue'),
            'eagleeye': ('^', 'tab:green'), 'halp': ('D', 'tab:purple'),
            'uniform': ('v', 'tab:gray'), 'teacher': ('o', 'black'),
@@ -17,11 +19,8 @@ def plot_tradeoff(runs: Sequence[Mapping[str, Any]], path: str,
   The x axis is each model's latency divided by the teacher's, both measured in the same
   interleaved timing run: robust to machine load, unlike raw milliseconds. TT-MPD's iteration
   trajectory (predicted ratio, accuracy after each short-term fine-tuning on a test subset) is
-  drawn as a line when the runs carry it. Written atomically (PNG).
+  drawn as a line when the runs carry it. Written atomically (PNG, mode 0666 minus umask).
   """
-  import os
-  import tempfile
-
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -54,10 +53,9 @@ def plot_tradeoff(runs: Sequence[Mapping[str, Any]], path: str,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix='.png')
-  os.close(fd)
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with atomic_path(path, suffix='.png') as tmp:
+      fig.savefig(tmp, dpi=120, format='png')
+  finally:
+    plt.close(fig)
   return path

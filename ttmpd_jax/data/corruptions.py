@@ -65,6 +65,7 @@ Design choices / approximations (the reference uses PIL, OpenCV, ImageMagick):
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from typing import Callable
@@ -74,6 +75,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.scipy.ndimage import map_coordinates
+
+from ttmpd_jax.errors import DataError
 
 Array = jax.Array
 
@@ -729,14 +732,20 @@ CORRUPTIONS: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 # -------------------------------------------------------------- public API ----
 def validate(name: str, severity: int) -> None:
-  """Raise ValueError unless ``name`` is implemented and severity is an int in 1..5."""
+  """Raise ``DataError`` (a ``ValueError``) unless ``name`` is implemented and severity is 1..5.
+
+  Design choice: names and severities come from the user (flags, dataset names), so this raises
+  the project's user-error type; it still is a ``ValueError`` for library callers.
+  """
   if name not in _REGISTRY:
     hint = f' ({name}: {MISSING_STANDARD[name]})' if name in MISSING_STANDARD else ''
-    raise ValueError(f'unknown corruption {name!r}{hint}; '
-                     f'valid names: {", ".join(CORRUPTIONS)}')
+    close = difflib.get_close_matches(name, CORRUPTIONS, n=1)
+    guess = f'; did you mean {close[0]!r}?' if close and not hint else ''
+    raise DataError(f'unknown corruption {name!r}{hint}{guess}; '
+                    f'valid names: {", ".join(CORRUPTIONS)}')
   is_int = isinstance(severity, (int, np.integer)) and not isinstance(severity, bool)
   if not (is_int and 1 <= severity <= 5):
-    raise ValueError(f'severity must be an integer in 1..5, got {severity!r}')
+    raise DataError(f'severity must be an integer in 1..5, got {severity!r}')
 
 
 def _check_images(shape: tuple[int, ...], dtype: np.dtype, name: str) -> None:

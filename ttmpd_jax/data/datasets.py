@@ -15,21 +15,25 @@ Names:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Optional
 
 import numpy as np
 
 from ttmpd_jax.data import fashion_mnist
-from ttmpd_jax.data.fashion_mnist import DataMissingError
+from ttmpd_jax.data.fashion_mnist import DataMissingError, check_labels, check_pixels
+from ttmpd_jax.errors import DataError
 
 OUR_CORRUPTION_BASES = {'fashion_mnist_c': 'fashion_mnist', 'cifar10_c': 'cifar10'}
 NUM_CLASSES = {'fashion_mnist': 10, 'mnist': 10, 'cifar10': 10, 'cifar10_corrupted': 10,
                'imagenet2012': 1000, 'imagenet2012_corrupted': 1000}
+CLEAN_NAMES = ('fashion_mnist', 'cifar10', 'mnist', 'imagenet2012')
 
 
 @dataclasses.dataclass
 class Dataset:
-  """An in-memory split. ``images`` uint8 [N, H, W, C] (or float32 in [0, 1]), ``labels`` int32 [N]."""
+  """An in-memory split: ``images`` uint8 [N, H, W, C] (or float32 in [0, 1]), ``labels`` int32
+  [N]. Loaded splits are checked: pixels finite and in range, labels within the classes."""
 
   name: str
   images: np.ndarray
@@ -59,10 +63,44 @@ def parse_corrupted_name(name: str) -> tuple[str, str, int]:
   base, _, rest = name.partition('/')
   corruption, _, severity = rest.rpartition('_')
   if not rest or not corruption or not severity.isdigit():
-    raise ValueError(f'corrupted dataset name {name!r} must look like '
+    raise DataError(f'corrupted dataset name {name!r} must look like '
                      f'{base or "fashion_mnist_c"}/<corruption>_<severity>, e.g. '
                      f'{base or "fashion_mnist_c"}/gaussian_noise_5')
   return base, corruption, int(severity)
+
+
+def check_name(name: str) -> str:
+  """Validates a dataset name without loading anything; returns it. Raises ``DataError``.
+
+  Our corrupted names (``fashion_mnist_c/<corruption>_<severity>``) are checked completely; a
+  name that is neither ours nor a clean name is left to TFDS, except that a near miss of one of
+  our names (``fashion_mnst_c/fog_5``) is reported with the likely intended name.
+  """
+  base = name.partition('/')[0]
+  if base in OUR_CORRUPTION_BASES:
+    from ttmpd_jax.data import corruptions  # Lazy: it compiles JAX functions.
+    _, corruption, severity = parse_corrupted_name(name)
+    corruptions.validate(corruption, severity)
+    return name
+  known = (*OUR_CORRUPTION_BASES, *CLEAN_NAMES)
+  close = difflib.get_close_matches(base, known, n=1, cutoff=0.8)
+  if base not in known and base not in NUM_CLASSES and close:
+    raise DataError(f'unknown dataset {name!r}; did you mean {close[0]!r}? Known names: '
+                    f'{", ".join(CLEAN_NAMES)}, fashion_mnist_c/<corruption>_<severity>, '
+                    'cifar10_c/<corruption>_<severity>, or a prepared TFDS name')
+  return name
+
+
+def _checked(name: str, images: np.ndarray, labels: np.ndarray, family: str) -> Dataset:
+  """A ``Dataset`` whose pixels are finite and in range and whose labels fit the family."""
+  fix = f'check or re-create the files behind dataset {name!r}'
+  images = check_pixels(images, f'dataset {name!r}', fix)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) != len(labels):
+    raise DataError(f'dataset {name!r}: images {images.shape} and labels {labels.shape} must be '
+                    '[N, H, W, C] (C = 1 or 3) and [N]')
+  if family in NUM_CLASSES:
+    labels = check_labels(labels, NUM_CLASSES[family], f'dataset {name!r}', fix)
+  return Dataset(name, images, labels.astype(np.int32), family)
 
 
 def _split_train(images, labels, split, validation_size, seed):
@@ -91,27 +129,27 @@ def load(name: str, split: str = 'test', *, data_dir: str = fashion_mnist.DEFAUL
   """Loads a named dataset split into memory (see the module docstring for names)."""
   if split not in ('train', 'validation', 'test'):
     raise ValueError(f'unknown split {split!r}; expected train, validation or test')
-  base = name.partition('/')[0]
+  base = check_name(name).partition('/')[0]
   if base in OUR_CORRUPTION_BASES:
     from ttmpd_jax.data import corruptions  # Imported lazily: it compiles JAX functions.
     _, corruption, severity = parse_corrupted_name(name)
-    corruptions.validate(corruption, severity)
     family = OUR_CORRUPTION_BASES[base]
     images, labels = _clean(family, 'test', data_dir, tfds_data_dir, validation_size, split_seed)
     if limit is not None:
       images, labels = images[:limit], labels[:limit]
-    corrupted = corruptions.corrupt_in_chunks(images.astype(np.float32) / 255.0, corruption,
+    scaled = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
+    corrupted = corruptions.corrupt_in_chunks(scaled, corruption,
                                               severity, seed=corruption_seed)
     # Back to uint8, as a stored corrupted dataset would be (CIFAR-10-C ships uint8 too).
     images = np.clip(np.round(np.asarray(corrupted) * 255.0), 0, 255).astype(np.uint8)
-    return Dataset(name, images, labels, family)
-  if name in ('fashion_mnist', 'cifar10', 'mnist', 'imagenet2012'):
+    return _checked(name, images, labels, family)
+  if name in CLEAN_NAMES:
     images, labels = _clean(name, split, data_dir, tfds_data_dir, validation_size, split_seed)
-    return Dataset(name, images, labels, name).take(limit)
+    return _checked(name, images, labels, name).take(limit)
   from ttmpd_jax.data.tfds_source import TfdsSource
   source = TfdsSource(name, split, tfds_data_dir)
   images, labels = source.load_all(limit)
-  return Dataset(name, images, labels, base.replace('_corrupted', ''))
+  return _checked(name, images, labels, base.replace('_corrupted', ''))
 
 
-__all__ = ['Dataset', 'DataMissingError', 'load', 'parse_corrupted_name']
+__all__ = ['Dataset', 'DataMissingError', 'check_name', 'load', 'parse_corrupted_name']

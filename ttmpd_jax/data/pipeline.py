@@ -10,12 +10,19 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from ttmpd_jax.errors import UserError
+
+
+class BatchSizeError(UserError, ValueError):
+  """A batch size that is not positive or not divisible by the number of processes."""
+
 # Per-channel mean/std of the clean training data, on images scaled to [0, 1].
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     'fashion_mnist': ((0.2860,), (0.3530,)),
     'mnist': ((0.1307,), (0.3081,)),
     'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    'identity': ((0.0,), (1.0,)),   # Images the caller already normalised (library use).
 }
 
 
@@ -45,7 +52,7 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, family: 
     process_index, process_count: multi-host sharding (``jax.process_index()/process_count()``).
   """
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f'batch_size {batch_size} must be positive and divisible by the number of '
+    raise BatchSizeError(f'batch_size {batch_size} must be positive and divisible by the number of '
                      f'processes {process_count}')
   order = np.arange(len(images)) if indices is None else np.asarray(indices, np.int64)
   if seed is not None:

@@ -1,4 +1,4 @@
-"""Test-time distillation (DESIGN.md §3 steps 0, 1, 4-6).
+"""Test-time distillation (docs/method.md, steps 0, 1, 4-8).
 
 Submodules (import them directly; this package imports nothing so ``losses`` stays light):
 

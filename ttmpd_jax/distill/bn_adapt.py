@@ -2,7 +2,7 @@
 
 Used twice in TT-MPD:
 
-* by the search (EagleEye-style adaptive BN, DESIGN.md §3 step 4): a masked or pruned candidate's
+* by the search (EagleEye-style adaptive BN, docs/method.md step 4): a masked or pruned candidate's
   statistics are stale after channels are removed, so they are re-estimated on k test batches
   before the candidate is scored;
 * for the teacher (step 0, test-time BN adaptation): the source model's statistics are re-estimated
@@ -78,8 +78,12 @@ def _apply_transform(transform: Optional[Transform], variables: Variables, aux: 
 def batch_moments(model: nn.Module, variables: Mapping[str, Any], images: jax.Array) -> Any:
   """Per-BN exact batch mean/variance of one batch, as a ``batch_stats`` tree (not jitted).
 
-  BatchNorms that do not run in train mode keep their stored statistics.
+  BatchNorms that do not run in train mode keep their stored statistics. ``model`` is a linen
+  module, or an NNX adapter (``pruning.from_nnx``), whose own ``batch_moments`` runs train mode
+  with momentum 0 (its running statistics become the batch's exact moments).
   """
+  if not isinstance(model, nn.Module) and hasattr(model, 'batch_moments'):
+    return model.batch_moments(dict(variables), images)
   with nn.intercept_methods(_record_batch_moments):
     _, updates = model.apply(dict(variables), images, train=True, mutable=['batch_stats'])
   return updates['batch_stats']

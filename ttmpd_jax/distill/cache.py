@@ -1,4 +1,4 @@
-"""The one-time pseudo-label cache (DESIGN.md §3 step 1).
+"""The one-time pseudo-label cache (docs/method.md, step 1).
 
 The teacher labels a small fine-tuning subset S of the unlabeled test set **once**; every later
 fine-tuning step (short-term during the search, long-term at the end) reads the cached logits

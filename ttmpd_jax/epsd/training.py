@@ -15,6 +15,10 @@ the same step with α = 0 (q = one-hot), so every method shares one compiled ste
 Masks are held fixed: the forward pass uses ``apply_weight_masks(params)`` (so pruned weights get
 zero gradient) and the parameters are masked again after every optimizer update (so weight decay
 and momentum can never revive them). Pruned weights are therefore exactly zero throughout.
+
+Design choice: this is the project's one update rule and loop (``train.apply_update`` with the
+``sd_loss_fn`` loss and the ``mask_weights`` transform, driven by ``train.train_loop``); the
+only addition is the step writing the batch's predictions into the table.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -32,10 +36,10 @@ import optax
 
 from ttmpd_jax import parallel
 from ttmpd_jax import train as train_lib
-from ttmpd_jax.data import pipeline
 from ttmpd_jax.data.datasets import Dataset
 from ttmpd_jax.distill import losses
 from ttmpd_jax.pruning import unstructured
+from ttmpd_jax.train import TrainState
 
 Variables = dict[str, Any]
 
@@ -59,44 +63,71 @@ class OptimizerConfig:
                                 warmup_steps=self.warmup_steps)
 
 
+def mask_weights(variables: Variables, aux: Mapping[str, Any]) -> Variables:
+  """The transform holding ``aux['masks']`` fixed: pruned weights are zero, BN untouched."""
+  return {'params': unstructured.apply_weight_masks(variables['params'], aux['masks']),
+          'batch_stats': variables['batch_stats']}
+
+
+def sd_loss_fn(model: nn.Module) -> train_lib.LossFn:
+  """PS-KD loss: CE against ``(1 - α)·onehot(y) + α·prev_table[index]``.
+
+  ``inputs = (images, labels, indices)``; ``aux = {'masks', 'prev_table', 'alpha'}``. Reports
+  ``probs``, the batch's softmax (this epoch's predictions, recorded by the step).
+  """
+
+  def loss_fn(params, batch_stats, inputs, aux):
+    images, labels, indices = inputs
+    prev_table, alpha = aux['prev_table'], aux['alpha']
+    onehot = jax.nn.one_hot(labels, prev_table.shape[-1], dtype=jnp.float32)
+    targets = (1.0 - alpha) * onehot + alpha * prev_table[indices]
+    logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                  train=True, mutable=['batch_stats'])
+    loss = losses.soft_target_cross_entropy(logits, targets)
+    return loss, (updates['batch_stats'], {'probs': jax.nn.softmax(logits, axis=-1)})
+
+  return loss_fn
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def masked_train_step(model: nn.Module, opt_config: OptimizerConfig, variables: Variables,
-                      opt_state: Any, masks: Any, prev_table: jax.Array, next_table: jax.Array,
-                      images: jax.Array, labels: jax.Array, indices: jax.Array,
-                      alpha: jax.Array) -> tuple[Variables, Any, jax.Array, jax.Array]:
+def sd_train_step(model: nn.Module, opt_config: OptimizerConfig, state: TrainState, masks: Any,
+                  prev_table: jax.Array, next_table: jax.Array, images: jax.Array,
+                  labels: jax.Array, indices: jax.Array,
+                  alpha: jax.Array) -> tuple[TrainState, jax.Array, dict[str, jax.Array]]:
   """One SGD step with fixed masks; plain (alpha = 0) or PS-KD self-distilled (alpha > 0).
 
+  The project's one update rule (``train.apply_update`` with ``sd_loss_fn`` and the
+  ``mask_weights`` transform) plus writing the batch's predictions into ``next_table``.
   Compiled once per (model, opt_config, shapes) and shared by every method of a sweep.
 
   Args:
     model, opt_config: static.
-    variables: ``{'params', 'batch_stats'}``; opt_state: the optimizer state.
-    masks: mask tree (``unstructured``): bool at prunable leaves, ``None`` elsewhere.
+    state: the train state; masks: mask tree (``unstructured``): bool at prunable leaves,
+      ``None`` elsewhere.
     prev_table: float32 [N, K] previous-epoch predictions of every training sample (read).
     next_table: float32 [N, K] this epoch's predictions (the batch's rows are written).
     images: float32 [B, H, W, C]; labels, indices: int32 [B] (indices = sample ids).
     alpha: float32 scalar, weight of the self-distillation target.
   Returns:
-    ``(variables, opt_state, next_table, loss)``.
+    ``(state, next_table, {'loss'})``.
   """
-  optimizer = opt_config.build()
+  aux = {'masks': masks, 'prev_table': prev_table, 'alpha': alpha}
+  state, metrics = train_lib.apply_update(sd_loss_fn(model), opt_config.build(), mask_weights,
+                                          state, aux, (images, labels, indices))
+  next_table = next_table.at[indices].set(jax.lax.stop_gradient(metrics.pop('probs')))
+  return state, next_table, metrics
 
-  def loss_fn(params, batch_stats, targets):
-    logits, updates = model.apply(
-        {'params': unstructured.apply_weight_masks(params, masks), 'batch_stats': batch_stats},
-        images, train=True, mutable=['batch_stats'])
-    loss = losses.soft_target_cross_entropy(logits, targets)
-    return loss, (updates['batch_stats'], jax.nn.softmax(logits, axis=-1))
 
-  onehot = jax.nn.one_hot(labels, prev_table.shape[-1], dtype=jnp.float32)
-  targets = (1.0 - alpha) * onehot + alpha * prev_table[indices]
-  (loss, (batch_stats, probs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      variables['params'], variables['batch_stats'], targets)
-  updates, opt_state = optimizer.update(grads, opt_state, variables['params'])
-  params = unstructured.apply_weight_masks(
-      optax.apply_updates(variables['params'], updates), masks)
-  next_table = next_table.at[indices].set(jax.lax.stop_gradient(probs))
-  return {'params': params, 'batch_stats': batch_stats}, opt_state, next_table, loss
+def masked_train_step(model: nn.Module, opt_config: OptimizerConfig, variables: Variables,
+                      opt_state: Any, masks: Any, prev_table: jax.Array, next_table: jax.Array,
+                      images: jax.Array, labels: jax.Array, indices: jax.Array,
+                      alpha: jax.Array) -> tuple[Variables, Any, jax.Array, jax.Array]:
+  """``sd_train_step`` on loose variables: ``(variables, opt_state, next_table, loss)``."""
+  state = TrainState(step=np.zeros((), np.int32), params=variables['params'],
+                     batch_stats=variables['batch_stats'], opt_state=opt_state)
+  state, next_table, metrics = sd_train_step(model, opt_config, state, masks, prev_table,
+                                             next_table, images, labels, indices, alpha)
+  return state.variables, state.opt_state, next_table, metrics['loss']
 
 
 def train_masked(model: nn.Module, variables: Variables, masks: Any, train_set: Dataset, *,
@@ -117,6 +148,7 @@ def train_masked(model: nn.Module, variables: Variables, masks: Any, train_set: 
       warm-up of ``warmup_steps`` (default: 10% of the steps, at most 100).
     sd_alpha: ``None`` for cross-entropy; α_T of PS-KD self-distillation otherwise.
     mesh: data-parallel mesh (default: all local devices).
+    log_every: progress line every this many steps (0: none).
   Returns:
     Trained variables (host arrays; pruned weights exactly zero) and a summary dict.
   """
@@ -126,48 +158,33 @@ def train_masked(model: nn.Module, variables: Variables, masks: Any, train_set: 
     warmup_steps = min(100, total_steps // 10)
   opt_config = OptimizerConfig(float(learning_rate), total_steps, float(weight_decay),
                                int(warmup_steps))
-  optimizer = opt_config.build()
-  params = unstructured.apply_weight_masks(variables['params'], masks)
-  variables = parallel.replicate({'params': params, 'batch_stats': variables['batch_stats']}, mesh)
+  state = parallel.replicate(train_lib.create_train_state(
+      mask_weights(variables, {'masks': masks}), opt_config.build()), mesh)
   masks = parallel.replicate(masks, mesh)
-  opt_state = parallel.replicate(optimizer.init(variables['params']), mesh)
-  step_fn = functools.partial(masked_train_step, model, opt_config)
-  num_classes = train_set.num_classes
-  onehot = np.eye(num_classes, dtype=np.float32)[train_set.labels]
-  prev_table = parallel.replicate(jnp.asarray(onehot), mesh)
-  next_table = parallel.replicate(jnp.asarray(onehot), mesh)
+  onehot = np.eye(train_set.num_classes, dtype=np.float32)[train_set.labels]
+  tables = (parallel.replicate(jnp.asarray(onehot), mesh),
+            parallel.replicate(jnp.asarray(onehot), mesh))
 
-  def stream() -> Iterable[tuple[int, dict[str, np.ndarray]]]:
-    epoch = 0
-    while True:
-      for batch in pipeline.batches(train_set.images, train_set.labels, batch_size,
-                                    family=train_set.family, seed=seed * 1000 + epoch,
-                                    drop_remainder=True, process_index=jax.process_index(),
-                                    process_count=jax.process_count()):
-        yield epoch, batch
-      epoch += 1
-
-  start = time.time()
-  losses_seen = []
-  current_epoch = 0
-  for step, (epoch, batch) in zip(range(1, total_steps + 1), stream()):
+  def step_fn(carry, item):
+    state, prev_table, next_table, current_epoch = carry
+    epoch, inputs = item
     if epoch != current_epoch:
       # This epoch's predictions become the next epoch's teacher; the written table keeps the
       # older predictions of samples not visited this epoch (never-visited ones stay one-hot).
       prev_table, next_table = next_table, jnp.copy(next_table)
-      current_epoch = epoch
     alpha = 0.0 if sd_alpha is None else pskd_alpha(epoch, epochs, sd_alpha)
-    images, labels, indices = parallel.shard_batch(
-        (batch['image'], batch['label'], batch['index']), mesh)
-    variables, opt_state, next_table, loss = step_fn(
-        variables, opt_state, masks, prev_table, next_table, images, labels, indices,
-        jnp.float32(alpha))
-    if log_every and (step % log_every == 0 or step == total_steps):
-      losses_seen.append(float(loss))
-      elapsed = time.time() - start
-      print_fn(f'  step {step}/{total_steps}  epoch {step / steps_per_epoch:.2f}  '
-               f'alpha {alpha:.2f}  loss {losses_seen[-1]:.4f}  {step / elapsed:.1f} steps/s')
-  final_loss = float(loss)
-  summary = {'steps': total_steps, 'train_time_s': time.time() - start, 'final_loss': final_loss,
-             'final_alpha': alpha}
-  return jax.device_get(variables), summary
+    state, next_table, metrics = sd_train_step(model, opt_config, state, masks, prev_table,
+                                               next_table, *inputs, jnp.float32(alpha))
+    return (state, prev_table, next_table, epoch), {**metrics, 'alpha': alpha}
+
+  batches = ((epoch, parallel.shard_batch((b['image'], b['label'], b['index']), mesh))
+             for epoch, b in train_lib.epoch_batches(train_set, batch_size, seed))
+  fields = lambda s, m: (f'epoch {s / steps_per_epoch:.2f}  alpha {m["alpha"]:.2f}  '
+                        f'{train_lib.loss_field(s, m)}')
+  progress = train_lib.ProgressHook('masked training', total_steps, log_every, print_fn, fields)
+  start = time.time()
+  (state, *_), metrics = train_lib.train_loop((state, *tables, 0), step_fn, batches,
+                                              steps=total_steps, hooks=[progress])
+  summary = {'steps': total_steps, 'train_time_s': time.time() - start,
+             'final_loss': float(metrics['loss']), 'final_alpha': metrics['alpha']}
+  return jax.device_get(state.variables), summary

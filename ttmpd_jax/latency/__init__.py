@@ -1,31 +1,35 @@
-"""Latency model (DESIGN.md section 3, step 2): measure, tabulate, predict, validate.
+"""Latency model (DESIGN.md section 3, step 2): measure in context, fit, predict, validate.
 
-* ``protocol``: the one measurement protocol (compile, warm up, median of blocking calls).
-* ``structure``: a model's latency units and the width spec -> per-unit channels mapping.
-* ``table``: per-device lookup table of unit latencies, cached on disk, interpolated.
-* ``predictor``: whole-model prediction (sum of units, fitted scale + constant), validation.
+* ``protocol``: the one measurement protocol (compile, warm up, median of blocking calls;
+  interleaved rounds, ratios to a reference, the CPU share other processes take).
+* ``structure``: a model's units (its conv/dense layers, from ``pruning.graph.trace_layers``)
+  and the width spec -> per-unit channels and cost features mapping.
+* ``table``: per-device cache of in-context measurements (probe architectures of each model).
+* ``predictor``: unit costs fitted on those measurements; prediction, fresh measurement,
+  correction, validation.
 * ``compilations``: counting XLA compilations.
 
 Typical use::
 
   table = LatencyTable.open(cache_dir='~/.cache/ttmpd_jax')
-  predictor = LatencyPredictor.build(spec, image_shape=(28, 28, 1), batch=256, table=table)
-  predictor.calibrate()
-  predictor.predict(widths)  # ms, no compilation
+  predictor = LatencyPredictor.from_model(model, variables, (256, 28, 28, 1), table)
+  predictor.predict(widths)                      # ms, no compilation
+  measured = predictor.measure([widths])[0]      # end to end, against the unpruned model
+  predictor.correct(widths, measured.ms, measured.teacher_ms, measured.spread)
 """
 
 from ttmpd_jax.latency.compilations import CompilationCounter, count_compilations
-from ttmpd_jax.latency.predictor import (FITS, Calibration, LatencyPredictor, Validation,
-                                         fit_calibration, random_architectures, validate)
-from ttmpd_jax.latency.protocol import (Timing, measure, measure_many, measure_model,
-                                        measure_models, synthetic_variables)
-from ttmpd_jax.latency.structure import ModelStructure, Unit, UnitConfig, channel_grid
-from ttmpd_jax.latency.table import (LatencyTable, TableError, default_table_path, device_key,
-                                     interpolate, interpolate_diagonal)
+from ttmpd_jax.latency.predictor import (Fit, LatencyPredictor, Measured, Validation, fit_costs,
+                                         random_architectures, validate)
+from ttmpd_jax.latency.protocol import (CpuMonitor, Relative, Timing, foreign_load, measure,
+                                        measure_many, measure_model, measure_models,
+                                        measure_relative, synthetic_variables)
+from ttmpd_jax.latency.structure import ModelStructure, Unit, channel_grid, round_channels
+from ttmpd_jax.latency.table import LatencyTable, TableError, default_table_path, device_key
 
-__all__ = ['FITS', 'Calibration', 'CompilationCounter', 'LatencyPredictor', 'LatencyTable',
-           'ModelStructure', 'TableError', 'Timing', 'Unit', 'UnitConfig', 'Validation',
-           'channel_grid', 'count_compilations', 'default_table_path', 'device_key',
-           'fit_calibration', 'interpolate', 'interpolate_diagonal', 'measure', 'measure_many',
-           'measure_model', 'measure_models', 'random_architectures', 'synthetic_variables',
-           'validate']
+__all__ = ['CompilationCounter', 'CpuMonitor', 'Fit', 'LatencyPredictor', 'LatencyTable',
+           'Measured', 'ModelStructure', 'Relative', 'TableError', 'Timing', 'Unit',
+           'Validation', 'channel_grid', 'count_compilations', 'default_table_path',
+           'device_key', 'fit_costs', 'foreign_load', 'measure', 'measure_many',
+           'measure_model', 'measure_models', 'measure_relative', 'random_architectures',
+           'round_channels', 'synthetic_variables', 'validate']

@@ -1,384 +1,503 @@
-"""Whole-model latency prediction from the lookup table, calibration, and validation.
+"""Whole-model latency prediction from in-context unit costs; measurement, correction, validation.
 
-``predict(widths) = scale * sum_u table(u, c_in_u, c_out_u) + offset`` where the sum runs over
-the model's units (``latency.structure``) and ``(scale, offset)`` are fitted on end-to-end
-measurements of a few calibration architectures. ``offset`` stands for the non-prunable rest
-(input handling, residual adds beyond the fused elementwise op, pooling, dispatch).
+Model (``r`` is latency as a fraction of the unpruned model's, measured in the same rounds)::
 
-Design choice: by default we fit both ``scale`` and ``offset`` by least squares in relative
-error over 10 calibration architectures (the full model, uniform keep ratios 0.75 / 0.5 / 0.3
-and six random prunings), constrained to ``offset >= 0`` (see :func:`fit_calibration`);
-``fit='offset'`` keeps ``scale = 1`` (plain "sum + constant"). Isolated units are timed with their input hot in cache
-and without XLA's inter-op scheduling, and XLA:CPU fuses runs of convolutions into one library
-call (YNNPACK) differently inside the model, so in-model units differ from isolated ones by a
-factor that the scale absorbs on average (the remaining per-architecture differences are the
-model's error; see bench/bench_latency.py).
+  r(widths) = c + sum_u theta_u . phi_u(widths)       predict(widths) = anchor_ms * scale * r
 
-Known limitation (measured on XLA:CPU, jax 0.10): XLA hands a whole connected region of
-"YNNPACK-eligible" layers to one YNNPACK fusion, and whether a residual join falls inside that
-region depends on the widths of the layers *after* it (e.g. ResNet-8 stage 2 convolutions with
-8 input channels stay on XLA's path, with 12+ they go to YNNPACK and pull stage 1's 28x28 join
-into the fusion). Such switches change the end-to-end latency by up to ~25% in steps that no sum
-of independently measured units reproduces; they are the bulk of the remaining error in
-``bench/bench_latency.py`` (MAPE 7-10%; Spearman 0.75-0.93 per model, so rankings of close
-architectures are not reliable on XLA:CPU). A second context effect of
-the same kind: the last ResNet-8 block (7x7, widths 64/64 -> 64/32) saves 2.3 ms when XLA fuses
-its join, ReLU and global pooling into one YNNPACK region with the classifier (8.4 -> 6.1 ms),
-but 5.9 ms (18.1 -> 12.2 ms, what the isolated units predict) when its output is materialised:
-the same layers cost half as much in one context as in the other. Isolated units cannot see
-their consumers, so the scale and offset fit the average context.
+``phi_u`` are unit ``u``'s cost features (G-MACs, output and input activation sizes; see
+``latency.structure``), ``theta_u >= 0`` its per-feature costs and ``c >= 0`` the rest (input
+handling, dispatch). ``anchor_ms`` is the unpruned model's measured latency and ``scale`` a
+correction from fresh measurements (1 until one disagrees, see :meth:`LatencyPredictor.correct`).
 
-``predict`` is pure Python/NumPy over memoised per-unit interpolations: no tracing, no
-compilation, typically 10-100 microseconds, so the search can call it for every candidate.
+Design choices:
+
+* **Units measured in context.** XLA fuses each layer with its neighbours (on CPU a YNNPACK
+  region can cover a whole chain of layers and a layer costs 0.07-1.2x its isolated time
+  depending on its consumers), so nothing is timed in isolation: ``theta`` is fitted on
+  end-to-end measurements of the model itself, pruned to a *probe design*: the full model, each
+  prunable group narrowed alone to 1/4, 1/2 and 3/4 of its channels ("group probes": they
+  measure what a single-group pruning candidate saves, which is what the search compares),
+  uniform prunings and random ones (they expose the interactions between groups: a layer's
+  MACs are the product of its input and output group widths, which an additive per-group table
+  gets wrong).
+* **Relative measurements.** Every probe is timed in rounds together with the unpruned model
+  (``protocol.measure_relative``); the fit is on the per-round ratios, which background load
+  barely moves, and the absolute level is one number (``anchor_ms``) that one fresh measurement
+  of the unpruned model corrects.
+* **Shrinkage.** Each unit's costs are pulled (ridge, in relative terms) towards the costs shared
+  by all units, so models with more units than probes stay well posed.
+* **No stale bias.** Probes measured on a busy machine are flagged in the table and re-measured
+  when the machine is quiet; :meth:`LatencyPredictor.verify` measures the unpruned model (and a
+  few probes) afresh and refits when they disagree with the prediction beyond their noise,
+  saying so.
+
+``predict`` is NumPy over a handful of per-unit numbers: no tracing, no compilation, tens of
+microseconds per call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ttmpd_jax.errors import UserError
 from ttmpd_jax.latency import protocol
-from ttmpd_jax.latency.structure import ModelStructure, Widths
-from ttmpd_jax.latency.table import (PATHS, LatencyTable, Request, interpolate,
-                                     interpolate_diagonal)
+from ttmpd_jax.latency.structure import ModelStructure, Widths, round_channels
+from ttmpd_jax.latency.table import (LatencyTable, TableError, entry_digest, load_average,
+                                     utc_now)
 
-DEFAULT_CALIBRATION_KEEPS = (1.0, 0.75, 0.5, 0.3)
-DEFAULT_CALIBRATION_RANDOM = 6
-CALIBRATION_SEED = 987_654
+PROBES_PER_GROUP = 3    # Group probes at 1/4, 1/2, 3/4 of the group's channels.
+UNIFORM_KEEPS = (0.75, 0.5, 0.3)
+DESIGN_SEED = 987_654
+RIDGE = 0.1             # Pull of each unit's costs towards the shared ones (relative units).
+LOADED_FOREIGN = 0.15   # Other processes took more than this share of the CPUs: 'loaded'.
+LOADED_SPREAD = 0.15    # Per-round ratios spread (IQR / median) more than this: 'loaded'.
+CORRECTION_WEIGHT = 4.0  # Weight of a fresh measurement in a refit (a probe weighs 1).
+GROUP_SIZE = 6          # Architectures timed together with the reference per round robin.
 
 
 @dataclasses.dataclass(frozen=True)
-class Calibration:
-  """Fitted ``measured ~ scale * sum_xla + scale_ynn * sum_ynn + offset`` (ms).
-
-  ``sum_xla`` / ``sum_ynn`` are the summed table latencies of the units XLA runs itself / hands
-  to YNNPACK (``table.execution_path``); ``scale_ynn=None`` means one common ``scale``.
+class Measured:
+  """One end-to-end measurement of an architecture against the unpruned model (the teacher).
 
   Attributes:
-    points: the calibration data, ``(sum_xla, sum_ynn, measured)`` per architecture.
+    widths: the architecture.
+    ms: its median latency.
+    ratio: median over rounds of its time / the teacher's time in the same round.
+    teacher_ms: the teacher's median latency in the same measurement.
+    spread: IQR / median of the per-round ratios.
+    foreign_load: CPU share other processes took meanwhile (None: unknown).
+    loaded: measured on a busy machine or with a wide spread (treat with care).
   """
 
-  scale: float = 1.0
-  offset_ms: float = 0.0
-  fit: str = 'none'                   # 'none', 'offset', 'affine' or 'per_path'.
-  scale_ynn: Optional[float] = None
-  points: tuple[tuple[float, float, float], ...] = ()
+  widths: Mapping[str, int]
+  ms: float
+  ratio: float
+  teacher_ms: float
+  spread: float
+  foreign_load: Optional[float]
+  loaded: bool
 
-  def apply(self, sum_xla: float, sum_ynn: float = 0.0) -> float:
-    ynn = self.scale if self.scale_ynn is None else self.scale_ynn
-    return self.scale * sum_xla + ynn * sum_ynn + self.offset_ms
-
-  @property
-  def max_relative_error(self) -> float:
-    """Largest relative error on the calibration architectures themselves."""
-    if not self.points:
-      return float('nan')
-    return max(abs(self.apply(x, y) - m) / m for x, y, m in self.points)
-
-  def describe(self) -> str:
-    if self.scale_ynn is None:
-      return f'{self.scale:.3f} * sum(units) + {self.offset_ms:.2f} ms'
-    return (f'{self.scale:.3f} * sum(XLA units) + {self.scale_ynn:.3f} * sum(YNNPACK units) + '
-            f'{self.offset_ms:.2f} ms')
+  def entry(self, source: str) -> dict[str, Any]:
+    return {'ms': self.ms, 'ratio': self.ratio, 'ref_ms': self.teacher_ms,
+            'spread': self.spread, 'foreign_load': self.foreign_load,
+            'loadavg': load_average(), 'loaded': self.loaded, 'source': source,
+            'utc': utc_now()}
 
 
-FITS = ('affine', 'per_path', 'offset')
-_SCALE_BOUNDS = (0.2, 5.0)
-_PATH_RIDGE = 0.3  # Pulls the two path scales together when the data cannot separate them.
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  """Fitted unit costs: ``ratio = constant + sum(theta * features)``.
 
-
-def fit_calibration(sums_ms: Sequence[Union[float, Sequence[float]]],
-                    measured_ms: Sequence[float], fit: str = 'affine',
-                    log: Callable[[str], None] = print) -> Calibration:
-  """Least-squares fit of the calibration in *relative* error (MAPE is what we report).
-
-  Args:
-    sums_ms: per architecture, the summed unit latency, or a pair ``(sum_xla, sum_ynn)``.
-    measured_ms: the measured end-to-end latencies.
-    fit: 'affine': ``scale * sum + offset``; 'per_path': one scale per execution path plus an
-      offset (a ridge term keeps the two scales equal unless the data say otherwise);
-      'offset': ``sum + offset`` (scale 1).
-
-  Design choice: scales are bounded to [0.2, 5] and the offset to >= 0 (the non-prunable rest
-  costs time), so every prediction is positive; a scale far from 1 is reported, since it means
-  a busy machine or layers that XLA fuses very differently inside the model.
+  Attributes:
+    theta: float [units, 3] per-unit costs of (G-MACs, M output, M input elements).
+    constant: the non-prunable rest, as a fraction of the unpruned model's latency.
+    n: architectures fitted on.
+    max_error: largest relative error on them.
   """
-  if fit not in FITS:
-    raise ValueError(f'fit must be one of {FITS}, got {fit!r}')
-  pairs = np.array([(float(v), 0.0) if np.ndim(v) == 0 else tuple(map(float, v))
-                    for v in sums_ms], np.float64).reshape(-1, 2)
-  m = np.asarray(measured_ms, np.float64)
-  if pairs.shape[0] != m.shape[0] or m.size == 0 or np.any(m <= 0):
-    raise ValueError('need matching, non-empty sums and positive measurements')
-  points = tuple((float(x), float(y), float(z)) for (x, y), z in zip(pairs, m))
-  total = pairs.sum(axis=1)
-  if fit == 'offset':
-    return Calibration(1.0, float(np.mean(m - total)), 'offset', None, points)
 
+  theta: np.ndarray
+  constant: float
+  n: int
+  max_error: float
+
+  def ratio(self, features: np.ndarray) -> float:
+    return float(self.constant + np.sum(self.theta * features))
+
+
+def fit_costs(features: Sequence[np.ndarray], ratios: Sequence[float],
+              weights: Optional[Sequence[float]] = None, ridge: float = RIDGE) -> Fit:
+  """Non-negative least squares in relative error, each unit's costs shrunk to shared ones.
+
+  Two steps: shared costs (3 numbers + constant) fitted on the summed features, then per-unit
+  costs with a ridge term ``ridge * (theta_u - shared) / shared`` per unit and feature (``shared``
+  floored at the cost that would explain a tenth of the latency).
+  """
   from scipy import optimize  # pylint: disable=g-import-not-at-top
-  ones = np.ones_like(m)
-  lo, hi = _SCALE_BOUNDS
-  if fit == 'affine':
-    a = np.stack([total, ones], axis=1) / m[:, None]
-    result = optimize.lsq_linear(a, ones, bounds=([lo, 0.0], [hi, np.inf]))
-    scale, offset = (float(v) for v in result.x)
-    calibration = Calibration(scale, offset, 'affine', None, points)
-    scales = [scale]
-  else:
-    a = np.stack([pairs[:, 0], pairs[:, 1], ones], axis=1) / m[:, None]
-    a = np.concatenate([a, [[_PATH_RIDGE, -_PATH_RIDGE, 0.0]]])
-    b = np.concatenate([ones, [0.0]])
-    result = optimize.lsq_linear(a, b, bounds=([lo, lo, 0.0], [hi, hi, np.inf]))
-    scale, scale_ynn, offset = (float(v) for v in result.x)
-    calibration = Calibration(scale, offset, 'per_path', scale_ynn, points)
-    scales = [scale, scale_ynn]
-  if any(not 0.5 <= x <= 2.0 for x in scales):
-    log(f'  latency calibration: measured = {calibration.describe()}: a scale far from 1 '
-        f'(a busy machine, or a model whose layers XLA fuses very differently?)')
-  return calibration
+  f = np.stack([np.asarray(x, np.float64) for x in features])  # [n, units, 3]
+  y = np.asarray(ratios, np.float64)
+  w = np.ones_like(y) if weights is None else np.asarray(weights, np.float64)
+  if f.shape[0] != y.size or y.size == 0 or np.any(y <= 0):
+    raise ValueError('need matching, non-empty features and positive ratios')
+  n, units, k = f.shape
+  rows = np.sqrt(w)[:, None] / y[:, None]
+  shared_a = np.concatenate([f.sum(axis=1), np.ones((n, 1))], axis=1) * rows
+  shared = optimize.lsq_linear(shared_a, np.sqrt(w), bounds=(0, np.inf), method='bvls').x
+  a = np.concatenate([f.reshape(n, units * k), np.ones((n, 1))], axis=1) * rows
+  b = np.sqrt(w)
+  # A feature the shared fit does not use still gets a scale: the cost at which it would explain
+  # a tenth of the latency (otherwise its per-unit costs would be pinned to zero).
+  typical = 0.1 / np.maximum(f.sum(axis=1).mean(axis=0), 1e-12)
+  prior = np.tile(np.maximum(shared[:k], typical), units)
+  penalty = np.zeros((units * k, units * k + 1))
+  penalty[np.arange(units * k), np.arange(units * k)] = ridge / prior
+  a = np.concatenate([a, penalty])
+  b = np.concatenate([b, np.full(units * k, ridge)])
+  x = optimize.lsq_linear(a, b, bounds=(0, np.inf), method='bvls').x
+  fit = Fit(x[:-1].reshape(units, k), float(x[-1]), n, 0.0)
+  errors = [abs(fit.ratio(fi) - yi) / yi for fi, yi in zip(f, y)]
+  return dataclasses.replace(fit, max_error=float(max(errors)))
 
 
-def architecture_key(spec: Any, widths: Mapping[str, int], input_shape: Sequence[int],
-                     dtype: str) -> str:
-  """Stable key of one concrete architecture at one input shape (end-to-end cache)."""
-  data = {'name': spec.name, 'num_classes': spec.num_classes, 'kwargs': dict(spec.kwargs),
-          'widths': dict(sorted(widths.items())), 'input': list(input_shape), 'dtype': dtype}
-  digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-  return f'{spec.name}|{"x".join(map(str, input_shape))}|{dtype}|{digest[:16]}'
+def _is_abstract(variables: Any) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables))
 
 
 class LatencyPredictor:
-  """Predicts the eval-mode latency (ms) of any width spec of one architecture family.
+  """Predicts the eval-mode latency (ms) of any pruned architecture of one traced model.
 
-  Args:
-    structure: the family's units (:class:`ModelStructure`).
-    table: a latency table holding every grid entry of ``structure.unit_grids(round_to, ...)``.
-    round_to: channel step of the grid.
-    max_grid_points: see ``structure.channel_grid``.
-    spec: the zoo ``ModelSpec`` (needed only for :meth:`calibrate`, to build models).
-    calibration: a previously fitted :class:`Calibration` (default: none, predictions are the
-      raw sum of units).
-  Raises:
-    TableError: the table lacks entries (build it with :meth:`build`).
+  Build with :meth:`from_model` (any model with ``.apply(variables, x, train=False)``) or
+  :meth:`from_spec` (zoo models). Width specs map module paths to output channels (as
+  ``models.widths_from_variables`` returns them); missing keys mean full width.
   """
 
-  def __init__(self, structure: ModelStructure, table: LatencyTable, round_to: int = 8,
-               max_grid_points: Optional[int] = 16, spec: Any = None,
-               calibration: Optional[Calibration] = None):
+  def __init__(self, structure: ModelStructure, table: LatencyTable, model: Any,
+               variables: Any, round_to: int = 8, random_probes: Optional[int] = None,
+               probes_per_group: int = PROBES_PER_GROUP, repeats: int = 10, warmup: int = 2, log: Optional[Callable[[str], None]] = None):
     self.structure = structure
     self.table = table
+    self.model = model
+    self.variables = variables
     self.round_to = int(round_to)
-    self.max_grid_points = max_grid_points
-    self.spec = spec
-    self.calibration = calibration or Calibration()
-    self._grids = structure.unit_grids(self.round_to, max_grid_points)
-    # Per unit, one value grid per execution path (entries of the other path read 0).
-    self._values = [{path: table.grid_values(u.config, gi, go, path) for path in PATHS}
-                    for u, (gi, go) in zip(structure.units, self._grids)]
-    self._memo: list[dict[tuple[int, int], tuple[float, float]]] = [{} for _ in structure.units]
+    self.random_probes = random_probes
+    self.probes_per_group = int(probes_per_group)
+    self.repeats, self.warmup = int(repeats), int(warmup)
+    self.log = log or table.log
+    self.fingerprint = self._fingerprint()
+    self.fit: Optional[Fit] = None
+    self._memo: dict[str, float] = {}
 
   # ---- construction -------------------------------------------------------------------------
-  @staticmethod
-  def requests(structure: ModelStructure, round_to: int,
-               max_grid_points: Optional[int] = 16) -> list[Request]:
-    """Every table entry a predictor for ``structure`` needs."""
-    out: list[Request] = []
-    for u, (gi, go) in zip(structure.units, structure.unit_grids(round_to, max_grid_points)):
-      if u.depthwise:
-        out += [(u.config, c, c) for c in gi]
-      else:
-        out += [(u.config, ci, co) for ci in gi for co in go]
-    return out
+  @classmethod
+  def from_model(cls, model: Any, variables: Any, input_shape: Sequence[int],
+                 table: LatencyTable, round_to: int = 8, dtype: str = 'float32',
+                 random_probes: Optional[int] = None,
+                 probes_per_group: int = PROBES_PER_GROUP, repeats: int = 10, warmup: int = 2,
+                 build: bool = True, log: Optional[Callable[[str], None]] = None
+                 ) -> 'LatencyPredictor':
+    """Predictor for ``model`` at ``input_shape`` (batch first), e.g. ``(256, 28, 28, 1)``.
+
+    Traces the model once (``pruning.graph``), then (``build``) measures the probes the table
+    lacks (nothing when cached) and fits. ``variables`` may be abstract (``jax.eval_shape``):
+    latency does not depend on their values, so synthetic ones are timed then.
+    """
+    structure = ModelStructure.from_model(model, variables, input_shape, dtype)
+    predictor = cls(structure, table, model, variables, round_to, random_probes,
+                    probes_per_group, repeats, warmup, log)
+    if build:
+      predictor.build()
+    return predictor
 
   @classmethod
-  def build(cls, spec: Any, image_shape: Sequence[int], batch: int, table: LatencyTable,
-            round_to: int = 8, dtype: str = 'float32', max_grid_points: Optional[int] = 16,
-            repeats: int = 9, warmup: int = 1) -> 'LatencyPredictor':
-    """Predictor for the zoo model ``spec``: measures the table entries it lacks (incremental)."""
-    structure = ModelStructure.from_spec(spec, image_shape, batch, dtype)
-    table.ensure(cls.requests(structure, round_to, max_grid_points), repeats=repeats,
-                 warmup=warmup)
-    return cls(structure, table, round_to, max_grid_points, spec)
+  def from_spec(cls, spec: Any, image_shape: Sequence[int], batch: int, table: LatencyTable,
+                **kwargs: Any) -> 'LatencyPredictor':
+    """:meth:`from_model` for the zoo model ``spec`` (a ``ModelSpec``) on [batch, *image_shape]."""
+    from ttmpd_jax.models import build_model  # pylint: disable=g-import-not-at-top
+    model = build_model(spec)
+    variables = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32), train=False))
+    return cls.from_model(model, variables, (batch, *image_shape), table, **kwargs)
+
+  def _fingerprint(self) -> str:
+    s = self.structure
+    layers = [(u.path, u.record.kind, u.record.input_shape[1:], u.record.output_shape[1:],
+               u.record.c_in, u.record.c_out, u.record.kernel_size, u.record.strides,
+               u.record.padding, u.record.feature_group_count) for u in s.units]
+    groups = [(g.name, g.size, g.prunable) for g in s.groups]
+    return entry_digest({'layers': layers, 'groups': groups, 'model': type(self.model).__name__,
+                         'repr': repr(self.model)[:2000]})
+
+  def entry_key(self, widths: Optional[Widths]) -> str:
+    shape = 'x'.join(map(str, self.structure.input_shape))
+    return f'{self.fingerprint}|{shape}|{self.structure.dtype}|{self.structure.key_of(widths)}'
+
+  # ---- probe design -------------------------------------------------------------------------
+  def probe_counts(self, group: str) -> list[int]:
+    """Channel counts the group probes narrow ``group`` to (below its full size)."""
+    full = self.structure.sizes[group]
+    step = self.round_to if full > self.round_to else 1
+    n = self.probes_per_group
+    counts = {round_channels(full * (i + 1) / (n + 1), full, step) for i in range(n)}
+    return sorted(c for c in counts if 1 <= c < full)
+
+  def design(self) -> list[dict[str, int]]:
+    """The architectures measured to fit the predictor (see module docstring)."""
+    s = self.structure
+    out = [s.complete_widths()]
+    for g in s.prunable:
+      out += [s.group_widths(g, c) for c in self.probe_counts(g)]
+    out += [s.uniform_widths(k, self.round_to) for k in UNIFORM_KEEPS]
+    n_random = self.random_probes
+    if n_random is None:
+      n_random = max(8, len(s.prunable) // 2)
+    rng = np.random.default_rng(DESIGN_SEED)
+    out += [s.random_widths(rng, self.round_to) for _ in range(n_random)]
+    unique: dict[str, dict[str, int]] = {}
+    for w in out:
+      unique.setdefault(s.key_of(w), w)
+    return list(unique.values())
+
+  # ---- measuring ----------------------------------------------------------------------------
+  def _concrete_variables(self) -> Any:
+    if _is_abstract(self.variables):
+      self.variables = protocol.synthetic_variables_like(self.variables, seed=0)
+    return self.variables
+
+  def _call(self, widths: Optional[Widths], x: jax.Array) -> tuple[Callable, tuple]:
+    from ttmpd_jax import pruning  # pylint: disable=g-import-not-at-top
+    s = self.structure
+    kept = s.kept(widths)
+    variables = self._concrete_variables()
+    masks = {g: np.arange(s.sizes[g]) < kept[g] for g in s.prunable if kept[g] < s.sizes[g]}
+    small = pruning.remove_channels(variables, s.groups, masks) if masks else variables
+    small = jax.device_put(protocol.cast_floating(small, s.dtype))
+    model = self.model
+    fn = jax.jit(lambda v, x: pruning.run_pruned(model, v, x, train=False))
+    return fn, (small, x)
+
+  def measure(self, widths_list: Sequence[Optional[Widths]], repeats: Optional[int] = None,
+              warmup: Optional[int] = None, reference: Optional[Widths] = None
+              ) -> list[Measured]:
+    """Measures each architecture end to end, interleaved with the unpruned model (teacher).
+
+    Nothing is cached; each result carries its ratio to the teacher timed in the same rounds,
+    the machine's load and whether it counts as ``loaded``. ``reference`` replaces the teacher
+    (e.g. the current network, to measure what candidates save relative to it).
+    """
+    s = self.structure
+    repeats = self.repeats if repeats is None else int(repeats)
+    warmup = self.warmup if warmup is None else int(warmup)
+    x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal(s.input_shape),
+                                   jnp.dtype(s.dtype)))
+    ref = self._call(reference, x)
+    out: list[Measured] = []
+    for lo in range(0, len(widths_list), GROUP_SIZE):
+      part = list(widths_list[lo:lo + GROUP_SIZE])
+      results = protocol.measure_relative(ref, [self._call(w, x) for w in part], repeats, warmup)
+      for w, r in zip(part, results):
+        spread = r.ratio_iqr / r.ratio
+        loaded = spread > LOADED_SPREAD or (r.foreign_load is not None and
+                                            r.foreign_load > LOADED_FOREIGN)
+        out.append(Measured(s.complete_widths(w), r.ms, r.ratio, r.reference.median_ms,
+                            spread, r.foreign_load, loaded))
+    return out
+
+  def build(self) -> int:
+    """Measures the design's missing probes (and re-measures 'loaded' ones when the machine is
+    quiet), saves the table, fits. Returns how many probes were measured (0 when cached)."""
+    design = self.design()
+    keys = [self.entry_key(w) for w in design]
+    todo = set(self.table.missing(keys))
+    stale = [k for k in self.table.stale(keys) if k not in todo]
+    if stale:
+      load = protocol.foreign_load(0.5)
+      if load is not None and load <= LOADED_FOREIGN:
+        self.log(f'  latency table: re-measuring {len(stale)} probes measured on a busy '
+                 f'machine (the machine is quiet now)')
+        todo.update(stale)
+    widths = [w for w, k in zip(design, keys) if k in todo]
+    if widths:
+      start = time.perf_counter()
+      loaded = 0
+      for lo in range(0, len(widths), 4 * GROUP_SIZE):
+        part = widths[lo:lo + 4 * GROUP_SIZE]
+        for m in self.measure(part):
+          self.table.put(self.entry_key(m.widths), m.entry('probe'))
+          loaded += m.loaded
+        self.table.measured += len(part)
+        if self.table.path:
+          self.table.save()
+        self.log(f'  latency table: {min(lo + len(part), len(widths))}/{len(widths)} probes '
+                 f'measured ({time.perf_counter() - start:.1f} s)')
+      self.table.builds.append({'utc': utc_now(), 'model': self.fingerprint,
+                                'probes': len(widths), 'loaded': loaded,
+                                'seconds': round(time.perf_counter() - start, 2)})
+      if loaded:
+        self.log(f'  warning: {loaded} of {len(widths)} probes were measured on a busy machine '
+                 f'(flagged; re-measured when it is quiet)')
+      self.table.models[self.fingerprint] = {
+          **self.table.models.get(self.fingerprint, {}), 'description': self.structure.describe()}
+      if self.table.path:
+        self.table.save()
+    self.refit()
+    return len(widths)
+
+  # ---- fitting ------------------------------------------------------------------------------
+  def _model_entries(self) -> list[tuple[str, dict[str, Any]]]:
+    prefix = self.entry_key(None).rsplit('|', 1)[0] + '|'
+    return sorted((k, e) for k, e in self.table.entries.items() if k.startswith(prefix))
+
+  def refit(self) -> Fit:
+    """Fits the unit costs on every measurement of this model in the table."""
+    entries = self._model_entries()
+    full_key = self.entry_key(None)
+    if full_key not in self.table.entries:
+      raise TableError(f'latency table {self.table.path or "(in memory)"} has no measurement of '
+                      'this model; build the predictor (LatencyPredictor.from_model)')
+    feats, ratios, weights = [], [], []
+    for key, e in entries:
+      kept = [int(c) for c in key.rsplit('|', 1)[1].split(',') if c]
+      widths = self.structure.widths_of(dict(zip(self.structure.prunable, kept)))
+      feats.append(self.structure.features(widths))
+      ratios.append(float(e['ratio']))
+      weights.append(CORRECTION_WEIGHT if e.get('source') == 'correction' else 1.0)
+    self.fit = fit_costs(feats, ratios, weights)
+    self._memo.clear()
+    return self.fit
+
+  @property
+  def anchor_ms(self) -> float:
+    """Latency of the unpruned model: its latest measurement (a correction or the probe)."""
+    info = self.table.models.get(self.fingerprint, {})
+    if 'anchor_ms' in info:
+      return float(info['anchor_ms'])
+    return float(self.table.entries[self.entry_key(None)]['ms'])
+
+  @property
+  def scale(self) -> float:
+    return float(self.table.models.get(self.fingerprint, {}).get('scale', 1.0))
 
   # ---- prediction ---------------------------------------------------------------------------
-  def unit_ms(self, index: int, c_in: int, c_out: int) -> tuple[float, float]:
-    """Interpolated latency of unit ``index``: ``(ms on XLA's path, ms on YNNPACK's path)``.
-
-    At a grid point one of the two is 0; between grid points whose entries ran on different
-    paths both are partial. Memoised.
-    """
-    memo = self._memo[index]
-    value = memo.get((c_in, c_out))
+  def predict_ratio(self, widths: Optional[Widths] = None) -> float:
+    """Predicted latency as a fraction of the unpruned model's (before ``scale``)."""
+    if self.fit is None:
+      self.refit()
+    key = self.structure.key_of(widths)
+    value = self._memo.get(key)
     if value is None:
-      gi, go = self._grids[index]
-      grids = self._values[index]
-      if self.structure.units[index].depthwise:
-        value = tuple(interpolate_diagonal(gi, grids[p], c_in) for p in PATHS)
-      else:
-        value = tuple(interpolate(gi, go, grids[p], c_in, c_out) for p in PATHS)
-      memo[(c_in, c_out)] = value
+      value = self.fit.ratio(self.structure.features(widths))
+      self._memo[key] = value
     return value
-
-  def units_ms(self, widths: Optional[Widths] = None) -> np.ndarray:
-    """Per-unit latencies (ms, both paths summed), in ``structure.units`` order."""
-    c_in, c_out = self.structure.channels(widths)
-    return np.array([sum(self.unit_ms(i, a, b)) for i, (a, b) in enumerate(zip(c_in, c_out))])
-
-  def path_sums_ms(self, widths: Optional[Widths] = None) -> tuple[float, float]:
-    """``(sum over XLA-path units, sum over YNNPACK-path units)`` in ms."""
-    c_in, c_out = self.structure.channels(widths)
-    xla = ynn = 0.0
-    for i, (a, b) in enumerate(zip(c_in, c_out)):
-      x, y = self.unit_ms(i, a, b)
-      xla += x
-      ynn += y
-    return xla, ynn
-
-  def sum_units_ms(self, widths: Optional[Widths] = None) -> float:
-    return float(sum(self.path_sums_ms(widths)))
 
   def predict(self, widths: Optional[Widths] = None) -> float:
     """Predicted end-to-end latency (ms) of the architecture ``widths`` (missing keys: full)."""
-    return self.calibration.apply(*self.path_sums_ms(widths))
+    ratio = self.predict_ratio(widths)
+    return self.anchor_ms * self.scale * ratio
 
   def saving(self, widths_before: Optional[Widths], widths_after: Widths) -> float:
     """Predicted latency saved (ms) by going from ``widths_before`` to ``widths_after``."""
     return self.predict(widths_before) - self.predict(widths_after)
 
-  # ---- calibration --------------------------------------------------------------------------
-  def calibration_architectures(self, keeps: Sequence[float] = DEFAULT_CALIBRATION_KEEPS,
-                                random: int = DEFAULT_CALIBRATION_RANDOM,
-                                seed: int = CALIBRATION_SEED) -> list[dict[str, int]]:
-    """Full model, uniformly pruned variants, and ``random`` randomly pruned ones.
-
-    Design choice: the random ones (fixed seed, never the validation seeds) make the fit see
-    architectures whose layers are pruned unevenly, as the search produces them.
-    """
-    out: list[dict[str, int]] = []
-    candidates = [self.structure.uniform_widths(keep, self.round_to) for keep in keeps]
-    if random:
-      candidates += random_architectures(self.structure, random, self.round_to, seed=seed)
-    for widths in candidates:
-      if widths not in out:
-        out.append(widths)
-    return out
-
-  def measure_end_to_end(self, widths_list: Sequence[Widths], repeats: int = 10,
-                         warmup: int = 2, use_cache: Union[bool, Sequence[bool]] = True,
-                         seed: int = 0, group: int = 8) -> list[float]:
-    """Measured eval-mode latency (ms) of each architecture (same protocol as the table).
+  # ---- keeping it honest --------------------------------------------------------------------
+  def correct(self, widths: Optional[Widths], measured_ms: float,
+              teacher_ms: Optional[float] = None, spread: float = 0.0) -> bool:
+    """Takes a fresh measurement into account; returns True when the predictor changed.
 
     Args:
-      widths_list: architectures (width specs; missing keys: full width).
-      use_cache: per architecture (or for all): read from / store in ``table.end_to_end``, so
-        a second build measures nothing. Validation passes False to measure afresh.
-      group: architectures compiled and timed together (interleaved calls: fair under
-        background load); bounds memory.
-    """
-    if self.spec is None:
-      raise UserError('LatencyPredictor.measure_end_to_end needs the model spec (use .build)')
-    from ttmpd_jax.models import build_model  # pylint: disable=g-import-not-at-top
-    input_shape = self.structure.input_shape
-    dtype = self.structure.dtype
-    cached = ([bool(use_cache)] * len(widths_list) if isinstance(use_cache, bool)
-              else [bool(c) for c in use_cache])
-    keys = [architecture_key(self.spec, self.structure.complete_widths(w), input_shape, dtype)
-            for w in widths_list]
-    results: dict[int, float] = {}
-    todo = []
-    for i, k in enumerate(keys):
-      if cached[i] and k in self.table.end_to_end:
-        results[i] = float(self.table.end_to_end[k]['ms'])
-      else:
-        todo.append(i)
-    for lo in range(0, len(todo), group):
-      part = todo[lo:lo + group]
-      models = []
-      for i in part:
-        spec = self.spec.with_widths(self.structure.complete_widths(widths_list[i]))
-        model = build_model(spec)
-        models.append((model, protocol.synthetic_variables(model, input_shape, seed)))
-      timings = protocol.measure_models(models, input_shape, dtype, repeats, warmup)
-      for i, t in zip(part, timings):
-        results[i] = t.median_ms
-        if cached[i]:
-          self.table.end_to_end[keys[i]] = {'ms': t.median_ms, 'iqr_ms': t.iqr_ms,
-                                            'n': t.repeats}
-          self.table.measured_end_to_end += 1
-    if any(cached[i] for i in todo) and self.table.path:
-      self.table.save()
-    return [results[i] for i in range(len(keys))]
+      widths: the measured architecture.
+      measured_ms: its measured latency.
+      teacher_ms: the unpruned model's latency measured alongside (e.g. ``Measured.teacher_ms``);
+        without it, only an overall scale can be corrected.
+      spread: relative spread of the measurement (its noise).
 
-  def calibrate(self, widths_list: Optional[Sequence[Widths]] = None, fit: str = 'affine',
-                repeats: int = 10, warmup: int = 2) -> Calibration:
-    """Fits ``(scale, offset)`` on end-to-end measurements (cached in the table)."""
-    widths_list = list(widths_list or self.calibration_architectures())
-    measured = self.measure_end_to_end(widths_list, repeats, warmup)
-    sums = [self.path_sums_ms(w) for w in widths_list]
-    self.calibration = fit_calibration(sums, measured, fit, self.table.log)
-    return self.calibration
+    When the prediction is off by more than the noise (``max(3 * spread, 3%)``), the measurement
+    is stored in the table (replacing any cached one of the same architecture), the unit costs
+    are refitted with it weighted ``CORRECTION_WEIGHT``, the unpruned model's latency is
+    re-anchored to ``teacher_ms``, and any error left is absorbed by ``scale``; this is logged.
+    """
+    predicted = self.predict(widths)
+    tolerance = max(3.0 * spread, 0.03)
+    if abs(predicted - measured_ms) <= tolerance * measured_ms:
+      return False
+    info = dict(self.table.models.get(self.fingerprint, {}))
+    if teacher_ms is not None:
+      ratio = measured_ms / teacher_ms
+      entry = {'ms': measured_ms, 'ratio': ratio, 'ref_ms': teacher_ms, 'spread': spread,
+               'foreign_load': None, 'loadavg': load_average(), 'loaded': False,
+               'source': 'correction', 'utc': utc_now()}
+      if self.structure.key_of(widths) != self.structure.key_of(None):
+        self.table.put(self.entry_key(widths), entry)
+      info['anchor_ms'] = float(teacher_ms)
+      info['scale'] = 1.0
+      self.table.models[self.fingerprint] = info
+      self.refit()
+    after = self.predict(widths)
+    if abs(after - measured_ms) > tolerance * measured_ms:
+      info = dict(self.table.models.get(self.fingerprint, {}))
+      info['scale'] = self.scale * measured_ms / after
+      self.table.models[self.fingerprint] = info
+    self.log(f'  latency model refitted: predicted {predicted:.2f} ms, measured '
+             f'{measured_ms:.2f} ms ({100 * (predicted - measured_ms) / measured_ms:+.1f}%, noise '
+             f'{100 * tolerance:.0f}%); now predicts {self.predict(widths):.2f} ms')
+    if self.table.path:
+      self.table.save()
+    return True
+
+  def verify(self, extra: int = 2, repeats: Optional[int] = None) -> bool:
+    """Measures the unpruned model and ``extra`` probes afresh; corrects if they disagree.
+
+    Returns True when the predictor was refitted. This is the check against stale tables
+    (built on a busy machine, or on another day): a few seconds of measurement.
+    """
+    design = self.design()
+    picks = [design[len(design) * (i + 1) // (extra + 1)] for i in range(extra)] if extra else []
+    results = self.measure(picks, repeats=repeats) if picks else []
+    teacher = results[0].teacher_ms if results else self.measure([None], repeats)[0].teacher_ms
+    changed = False
+    if abs(self.predict(None) - teacher) > 0.03 * teacher:
+      changed |= self.correct(None, teacher, teacher)
+    for m in results:
+      changed |= self.correct(m.widths, m.ms, m.teacher_ms, m.spread)
+    return changed
+
+  def calibrate(self, verify: bool = True) -> Fit:
+    """Builds what is missing, fits, and (``verify``) checks against a fresh measurement."""
+    self.build()
+    if verify:
+      self.verify()
+    return self.fit
 
 
 # ---- validation --------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Validation:
-  """Predicted vs measured end-to-end latency over a set of architectures (ms)."""
+  """Predicted vs measured values over a set of architectures (ms, ratios or savings)."""
 
-  predicted_ms: tuple[float, ...]
-  measured_ms: tuple[float, ...]
+  predicted: tuple[float, ...]
+  measured: tuple[float, ...]
 
   @property
   def mape(self) -> float:
     """Mean absolute percentage error, in percent."""
-    p, m = np.asarray(self.predicted_ms), np.asarray(self.measured_ms)
-    return float(100.0 * np.mean(np.abs(p - m) / m))
+    p, m = np.asarray(self.predicted), np.asarray(self.measured)
+    return float(100.0 * np.mean(np.abs(p - m) / np.abs(m)))
+
+  @property
+  def max_ape(self) -> float:
+    p, m = np.asarray(self.predicted), np.asarray(self.measured)
+    return float(100.0 * np.max(np.abs(p - m) / np.abs(m)))
 
   @property
   def spearman(self) -> float:
     from scipy import stats  # pylint: disable=g-import-not-at-top
-    if len(self.measured_ms) < 2:
+    if len(self.measured) < 2:
       return float('nan')
-    return float(stats.spearmanr(self.predicted_ms, self.measured_ms).statistic)
-
-  @property
-  def max_ape(self) -> float:
-    p, m = np.asarray(self.predicted_ms), np.asarray(self.measured_ms)
-    return float(100.0 * np.max(np.abs(p - m) / m))
+    return float(stats.spearmanr(self.predicted, self.measured).statistic)
 
   def summary(self) -> str:
-    return (f'n={len(self.measured_ms)}  MAPE {self.mape:.2f}%  (max {self.max_ape:.1f}%)  '
+    return (f'n={len(self.measured)}  MAPE {self.mape:.2f}%  (max {self.max_ape:.1f}%)  '
             f'Spearman {self.spearman:.3f}')
 
 
-def validate(predictor: LatencyPredictor, widths_list: Sequence[Widths], repeats: int = 10,
-             warmup: int = 2, recalibrate: bool = False, fit: str = 'affine',
-             group: int = 16) -> Validation:
-  """Measures each architecture afresh (no cache) and compares with ``predictor.predict``.
+def validate(predictor: LatencyPredictor, widths_list: Sequence[Widths],
+             repeats: Optional[int] = None) -> tuple[Validation, list[Measured]]:
+  """Measures each architecture afresh and compares its latency with ``predictor.predict``.
 
-  With ``recalibrate``, the calibration architectures are measured afresh too, *interleaved
-  with* the validation architectures (same background load for both), and the predictor is
-  re-fitted on them before predicting: the validation architectures themselves never enter
-  the fit. This is the experiment to run on a shared machine.
+  Design choice: measured milliseconds are ``ratio to the teacher x the teacher's latency``
+  with the teacher measured alongside, and the predictor is anchored to the same teacher
+  measurement first (:meth:`LatencyPredictor.correct`), so a load change since the table was
+  built does not masquerade as a prediction error, nor hide one.
   """
-  widths_list = list(widths_list)
-  if recalibrate:
-    calibration = predictor.calibration_architectures()
-    measured = predictor.measure_end_to_end(
-        calibration + widths_list, repeats, warmup, use_cache=False, group=group)
-    sums = [predictor.path_sums_ms(w) for w in calibration]
-    predictor.calibration = fit_calibration(sums, measured[:len(calibration)], fit,
-                                            predictor.table.log)
-    measured = measured[len(calibration):]
-  else:
-    measured = predictor.measure_end_to_end(widths_list, repeats, warmup, use_cache=False,
-                                            group=group)
-  predicted = [predictor.predict(w) for w in widths_list]
-  return Validation(tuple(predicted), tuple(measured))
+  measured = predictor.measure(widths_list, repeats=repeats)
+  teacher = float(np.median([m.teacher_ms for m in measured]))
+  predictor.correct(None, teacher, teacher)
+  predicted = tuple(predictor.predict(w) for w in widths_list)
+  return Validation(predicted, tuple(m.ratio * teacher for m in measured)), measured
 
 
 def random_architectures(structure: ModelStructure, n: int, round_to: int, seed: int = 0,
@@ -390,21 +509,23 @@ def random_architectures(structure: ModelStructure, n: int, round_to: int, seed:
   """
   rng = np.random.default_rng(seed)
   out: list[dict[str, int]] = []
-  groups = structure.prunable_groups()
+  keys = {structure.key_of(None)}
   attempts = 0
   while len(out) < n and attempts < 50 * n:
     attempts += 1
     widths = structure.random_widths(rng, round_to, min_keep, min_channels=min_channels)
-    if len(out) % 2 and groups:
-      full = structure.full_widths
-      keep_groups = rng.random(len(groups)) < 0.5
-      for group, keep_full in zip(groups, keep_groups):
-        if keep_full:
-          widths.update({p: full[p] for p in group})
-    if widths != structure.full_widths and widths not in out:
+    if len(out) % 2 and structure.prunable:
+      kept = structure.kept(widths)
+      for g, reset in zip(structure.prunable, rng.random(len(structure.prunable)) < 0.5):
+        if reset:
+          kept[g] = structure.sizes[g]
+      widths = structure.widths_of(kept)
+    key = structure.key_of(widths)
+    if key not in keys:
+      keys.add(key)
       out.append(widths)
   return out
 
 
-__all__ = ['FITS', 'Calibration', 'LatencyPredictor', 'Validation', 'architecture_key', 'fit_calibration',
+__all__ = ['Fit', 'LatencyPredictor', 'Measured', 'Validation', 'fit_costs',
            'random_architectures', 'validate']

@@ -14,8 +14,9 @@ latencies (what a latency table is for) stable on a busy machine.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import chex
 import flax.linen as nn
@@ -139,6 +140,11 @@ def synthetic_variables(model: nn.Module, input_shape: tuple[int, ...], seed: in
   """
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32), train=False))
+  return synthetic_variables_like(abstract, seed, dtype)
+
+
+def synthetic_variables_like(abstract: Any, seed: int = 0, dtype: Any = jnp.float32) -> Any:
+  """Values for a tree of ``jax.ShapeDtypeStruct`` (see :func:`synthetic_variables`)."""
   rng = np.random.default_rng(seed)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   values = []
@@ -178,3 +184,113 @@ def measure_models(models: Sequence[tuple[nn.Module, Variables]], input_shape: t
     fn = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
     calls.append((fn, (jax.device_put(cast_floating(variables, dtype)), x)))
   return measure_many(calls, repeats=repeats, warmup=warmup)
+
+
+# ---- machine load ------------------------------------------------------------------------------
+def _cpu_jiffies() -> Optional[tuple[float, float]]:
+  """(busy jiffies of the CPUs this process may use, jiffies this process used), or None."""
+  try:
+    cpus = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else None
+    busy = 0.0
+    with open('/proc/stat') as f:
+      for line in f:
+        name, *values = line.split()
+        if not name.startswith('cpu') or name == 'cpu':
+          continue
+        if cpus is not None and int(name[3:]) not in cpus:
+          continue
+        v = [float(x) for x in values]
+        busy += v[0] + v[1] + v[2] + sum(v[5:8])  # user nice system irq softirq steal
+    with open('/proc/self/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+    return busy, float(fields[11]) + float(fields[12])  # utime + stime (all threads)
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+class CpuMonitor:
+  """Share of this process's CPUs that *other* processes used while the block ran.
+
+  ``foreign_load`` is in [0, 1] (1: other processes kept every core busy), None where the OS
+  does not tell (not Linux). Unlike the load average, it does not count this process's own
+  threads, so it stays meaningful while we are the ones keeping the machine busy.
+
+  Usage::
+
+    with CpuMonitor() as monitor:
+      ...
+    monitor.foreign_load
+  """
+
+  def __init__(self):
+    self.foreign_load: Optional[float] = None
+    self._start: Optional[tuple[float, float]] = None
+    self._t0 = 0.0
+
+  def __enter__(self) -> 'CpuMonitor':
+    self._start = _cpu_jiffies()
+    self._t0 = time.perf_counter()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    end = _cpu_jiffies()
+    wall = time.perf_counter() - self._t0
+    if self._start is None or end is None or wall <= 0:
+      return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    hz = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
+    foreign = (end[0] - self._start[0]) - (end[1] - self._start[1])
+    self.foreign_load = float(np.clip(foreign / (hz * wall * max(1, cores or 1)), 0.0, 1.0))
+
+
+def foreign_load(seconds: float = 0.5) -> Optional[float]:
+  """Share of the CPUs other processes use now, sampled over ``seconds`` (see CpuMonitor)."""
+  with CpuMonitor() as monitor:
+    time.sleep(seconds)
+  return monitor.foreign_load
+
+
+# ---- relative measurement ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Relative:
+  """Latency of one function measured in rounds together with a reference function.
+
+  Attributes:
+    timing: the function's own :class:`Timing`.
+    ratio: median over rounds of (its time / the reference's time in the same round).
+    ratio_iqr: interquartile range of those per-round ratios.
+    reference: the reference's :class:`Timing` (the same object for every function of a call).
+    foreign_load: CPU share other processes took during the measurement (None: unknown).
+  """
+
+  timing: Timing
+  ratio: float
+  ratio_iqr: float
+  reference: Timing
+  foreign_load: Optional[float]
+
+  @property
+  def ms(self) -> float:
+    return self.timing.median_ms
+
+
+def measure_relative(reference: tuple[Callable, tuple], calls: Sequence[tuple[Callable, tuple]],
+                     repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP
+                     ) -> list[Relative]:
+  """Times ``calls`` interleaved with ``reference``; each result carries its per-round ratio.
+
+  Design choice: a slow drift of background load (another process starting) inflates every
+  function of a round alike, so the per-round ratio to a reference (the unpruned model, the
+  teacher) is far more stable on a shared machine than absolute times; a latency target is a
+  fraction of the teacher's latency anyway.
+  """
+  with CpuMonitor() as monitor:
+    timings = measure_many([reference, *calls], repeats=repeats, warmup=warmup)
+  ref = timings[0]
+  ref_times = np.asarray(ref.times_ms)
+  out = []
+  for t in timings[1:]:
+    ratios = np.asarray(t.times_ms) / ref_times
+    q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+    out.append(Relative(t, float(q50), float(q75 - q25), ref, monitor.foreign_load))
+  return out

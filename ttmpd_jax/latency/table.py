@@ -1,16 +1,21 @@
-"""Latency lookup table: measured unit latencies on *this* device, cached on disk, interpolated.
+"""Latency table: in-context latency measurements on *this* device, cached on disk.
 
-Entries are keyed by ``(UnitConfig, c_in, c_out)``: batch, input spatial size, kernel, stride,
-padding, groups, BatchNorm/bias, following pooling, dtype, channels. They are measured with the
-protocol of ``latency.protocol`` on a jit-compiled stand-alone unit (conv -> BatchNorm in
-inference form, exactly the ops Flax emits -> + residual input if the model adds one -> ReLU ->
-the model's pooling if one follows; or dense -> bias -> ReLU).
+An entry is one architecture of one model (the model's fingerprint, the input shape, the dtype
+and the channels each prunable group keeps) measured end to end with ``latency.protocol``, as
+a ratio to the unpruned model timed in the same rounds and as milliseconds, plus how busy the
+machine was (``protocol.foreign_load``: CPU time other processes took during the measurement)
+and the spread between repeats. ``latency.predictor`` fits its unit costs on these entries, so
+a table holds *in-context* numbers: every fusion XLA performs inside the model is in them.
 
 The file (JSON, written atomically: temp file + ``os.replace``) carries a **device key**
-(device kind, platform, JAX/jaxlib versions, CPU model and core count on CPU hosts). A table whose
-key differs from the current device's is refused, never silently used. A corrupted file is
-reported, moved aside and rebuilt (or refused with ``on_corrupt='error'``) before anything is
-measured, so a run never dies half-way through because of it.
+(device kind, platform, JAX/jaxlib versions, XLA flags, CPU model and core count on CPU hosts).
+A table whose key differs from the current device's is refused, never silently used. A corrupted
+file (or one of an older format) is reported, moved aside and rebuilt (or refused with
+``on_corrupt='error'``) before anything is measured.
+
+Design choice (no stale bias): entries measured while other processes used the CPU, or whose
+repeats spread widely, are flagged ``loaded``; :meth:`LatencyTable.stale` lists them so that the
+predictor re-measures them as soon as the machine is quiet, instead of trusting them for ever.
 """
 
 from __future__ import annotations
@@ -20,24 +25,16 @@ import hashlib
 import json
 import os
 import platform as py_platform
-import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from ttmpd_jax.fileio import write_json_atomic
 from ttmpd_jax.errors import UserError
-from ttmpd_jax.latency import protocol
-from ttmpd_jax.latency.structure import UnitConfig
+from ttmpd_jax.fileio import write_json_atomic
 
 FORMAT = 'ttmpd_jax.latency_table'
-FORMAT_VERSION = 1
-BN_EPSILON = 1e-5
-
-Request = tuple[UnitConfig, int, int]  # (config, c_in, c_out)
+FORMAT_VERSION = 2
 
 
 class TableError(UserError):
@@ -107,7 +104,7 @@ def describe_key(key: Mapping[str, Any]) -> str:
   return ', '.join(f'{k}={v}' for k, v in sorted(key.items()))
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 
@@ -135,184 +132,41 @@ def warn_if_busy(log: Callable[[str], None] = print, threshold: float = 0.5) -> 
   return False
 
 
-# ---- measuring units ---------------------------------------------------------------------------
-def unit_function(config: UnitConfig) -> Callable:
-  """The stand-alone jitted unit ``f(x, *params) -> y`` for ``config`` (see module docstring)."""
-  if config.kind == 'dense':
-    def dense(x, kernel, *bias):
-      y = x @ kernel
-      if bias:
-        y = y + bias[0]
-      return jax.nn.relu(y)
-    return jax.jit(dense)
-
-  spatial = len(config.in_spatial)
-  if spatial != 2:
-    raise TableError(f'latency table: only 2-D convolutions are supported, got {config.key()}')
-
-  def conv(x, kernel, *rest):
-    groups = x.shape[-1] if config.depthwise else config.groups
-    y = lax.conv_general_dilated(x, kernel, config.strides, config.padding,
-                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                 feature_group_count=groups)
-    rest = list(rest)
-    if config.bias:
-      y = y + rest.pop(0)
-    if config.batchnorm:  # Flax BatchNorm in inference mode, op for op.
-      mean, var, scale, bias = rest[:4]
-      y = (y - mean) * (lax.rsqrt(var + BN_EPSILON) * scale) + bias
-    if config.residual:
-      y = y + rest[-1]
-    y = jax.nn.relu(y)
-    if config.pool and config.pool[0] == 'max':
-      _, window, strides, padding = config.pool
-      y = lax.reduce_window(y, -jnp.inf, lax.max, window, strides, padding)
-    elif config.pool and config.pool[0] == 'mean':
-      y = jnp.mean(y, axis=(1, 2))
-    return y
-
-  return jax.jit(conv)
-
-
-def unit_arguments(config: UnitConfig, c_in: int, c_out: int, rng: np.random.Generator,
-                   x: Optional[jax.Array] = None) -> tuple:
-  """Device arrays ``(x, *params)`` for one unit; ``x`` may be shared between entries."""
-  dtype = jnp.dtype(config.dtype)
-
-  def normal(*shape):
-    return jax.device_put(jnp.asarray(0.1 * rng.standard_normal(shape), dtype))
-
-  if config.kind == 'dense':
-    args = [x if x is not None else normal(config.batch, c_in), normal(c_in, c_out)]
-    if config.bias:
-      args.append(normal(c_out))
-    return tuple(args)
-  if config.depthwise and c_in != c_out:
-    raise ValueError(f'depthwise unit needs c_in == c_out, got {c_in}, {c_out}')
-  groups = c_in if config.depthwise else config.groups
-  if c_in % groups or c_out % groups:
-    raise ValueError(f'channels ({c_in}, {c_out}) not divisible by groups {groups}')
-  args = [x if x is not None else normal(config.batch, *config.in_spatial, c_in),
-          normal(*config.kernel, c_in // groups, c_out)]
-  if config.bias:
-    args.append(normal(c_out))
-  if config.batchnorm:
-    args += [normal(c_out), jax.device_put(jnp.ones((c_out,), dtype)), normal(c_out),
-             normal(c_out)]
-  if config.residual:
-    args.append(normal(config.batch, *config.out_spatial, c_out))
-  return tuple(args)
-
-
-PATHS = ('xla', 'ynn')
-
-
-def execution_path(compiled: Any) -> str:
-  """'ynn' if XLA:CPU compiled (part of) the unit into a YNNPACK fusion, else 'xla'.
-
-  Recent XLA:CPU hands convolutions it deems suitable, and whole chains of them inside a model,
-  to YNNPACK; such units and XLA's own convolutions react differently to being fused with
-  their neighbours and to background load, so the predictor can scale the two separately.
-  """
-  try:
-    text = compiled.as_text()
-  except Exception:  # pylint: disable=broad-except
-    return 'xla'
-  entry = text[text.find('ENTRY'):] if 'ENTRY' in text else text
-  return 'ynn' if 'ynn' in entry.lower() else 'xla'
-
-
-def input_shape_of(config: UnitConfig, c_in: int) -> tuple[int, ...]:
-  if config.kind == 'dense':
-    return (config.batch, c_in)
-  return (config.batch, *config.in_spatial, c_in)
-
-
-# ---- interpolation -----------------------------------------------------------------------------
-def _segment(grid: np.ndarray, value: float) -> tuple[int, float]:
-  """Index i and weight t with value = (1 - t) * grid[i] + t * grid[i + 1]; t in [0, 1]."""
-  if grid.size == 1:
-    return 0, 0.0
-  value = min(max(value, grid[0]), grid[-1])
-  i = int(np.clip(np.searchsorted(grid, value, side='right') - 1, 0, grid.size - 2))
-  return i, float((value - grid[i]) / (grid[i + 1] - grid[i]))
-
-
-def _outside_scale(grid: np.ndarray, value: float) -> float:
-  """1 up to the largest grid value, proportional scaling (latency ~ channels) above it."""
-  if value > grid[-1]:
-    return value / grid[-1]
-  return 1.0
-
-
-def interpolate(c_in_grid: Sequence[int], c_out_grid: Sequence[int], values: np.ndarray,
-                c_in: float, c_out: float) -> float:
-  """Bilinear interpolation of ``values[c_in_grid, c_out_grid]`` (ms) at ``(c_in, c_out)``.
-
-  Exact at grid points; monotone wherever the entries are (bilinear weights are in [0, 1]).
-  Design choice: below the smallest measured count (e.g. fewer than ``round_to`` channels) the
-  boundary value is kept: on CPUs tiny layers are overhead- and memory-bound, so assuming that
-  pruning below the grid saves nothing is the conservative choice ("pruned but not faster").
-  Above the largest count (wider than the measured model) latency is scaled in proportion.
-  """
-  xs = np.asarray(c_in_grid, np.float64)
-  ys = np.asarray(c_out_grid, np.float64)
-  v = np.asarray(values, np.float64).reshape(xs.size, ys.size)
-  i, tx = _segment(xs, c_in)
-  j, ty = _segment(ys, c_out)
-  i1 = min(i + 1, xs.size - 1)
-  j1 = min(j + 1, ys.size - 1)
-  inside = ((1 - tx) * ((1 - ty) * v[i, j] + ty * v[i, j1])
-            + tx * ((1 - ty) * v[i1, j] + ty * v[i1, j1]))
-  return float(inside * _outside_scale(xs, c_in) * _outside_scale(ys, c_out))
-
-
-def interpolate_diagonal(grid: Sequence[int], values: np.ndarray, c: float) -> float:
-  """Piecewise-linear interpolation along one axis (depthwise units: c_in == c_out == c)."""
-  xs = np.asarray(grid, np.float64)
-  v = np.asarray(values, np.float64).reshape(xs.size)
-  i, t = _segment(xs, c)
-  i1 = min(i + 1, xs.size - 1)
-  return float(((1 - t) * v[i] + t * v[i1]) * _outside_scale(xs, c))
-
-
 # ---- the table ---------------------------------------------------------------------------------
-def entry_key(config: UnitConfig, c_in: int, c_out: int) -> str:
-  return f'{config.key()}|ci{int(c_in)}|co{int(c_out)}'
-
-
 def _validate_entry(name: str, value: Any) -> dict[str, Any]:
-  if not isinstance(value, dict) or not isinstance(value.get('ms'), (int, float)):
-    raise ValueError(f'entry {name!r} has no numeric "ms"')
-  ms = float(value['ms'])
-  if not np.isfinite(ms) or ms <= 0:
-    raise ValueError(f'entry {name!r} has a non-positive latency {ms}')
+  if not isinstance(value, dict):
+    raise ValueError(f'entry {name!r} is not an object')
+  for field in ('ms', 'ratio'):
+    x = value.get(field)
+    if not isinstance(x, (int, float)) or not np.isfinite(x) or x <= 0:
+      raise ValueError(f'entry {name!r} has no positive "{field}"')
   return value
 
 
 class LatencyTable:
-  """Unit latencies (ms) measured on one device, plus cached end-to-end model latencies.
+  """In-context latency measurements (see module docstring) of one device.
 
   Attributes:
     key: the device key the numbers belong to (see :func:`device_key`).
-    entries: ``entry_key(config, c_in, c_out)`` -> {'ms', 'iqr_ms', 'n'}.
-    end_to_end: architecture key -> {'ms', 'iqr_ms', 'n'} (calibration measurements).
-    builds: one record per :meth:`ensure` that measured something: when, how many entries,
-      and the machine's load average before/after (timings from a busy machine are suspect).
+    entries: entry key (``model fingerprint|input|dtype|kept channels``) -> {'ms': latency,
+      'ratio': latency / unpruned model's latency in the same rounds, 'ref_ms', 'iqr_ms', 'n',
+      'foreign_load': CPU share other processes took meanwhile (0..1, None if unknown),
+      'loadavg', 'loaded': measured on a busy machine or with a wide spread, 'utc'}.
+    models: model fingerprint -> {'description', 'corrections': [...]} (see the predictor).
+    builds: one record per build that measured something (when, how many, seconds, load).
     path: file the table is saved to (None: in memory only).
     measured: entries measured by this process (0 on a fully cached run).
   """
 
   def __init__(self, key: Optional[Mapping[str, Any]] = None, path: Optional[str] = None,
-               entries: Optional[dict] = None, end_to_end: Optional[dict] = None,
-               log: Callable[[str], None] = print, builds: Optional[list] = None):
+               entries: Optional[dict] = None, models: Optional[dict] = None,
+               builds: Optional[list] = None, log: Callable[[str], None] = print):
     self.key = dict(key if key is not None else device_key())
     self.path = path
     self.entries: dict[str, dict[str, Any]] = dict(entries or {})
-    self.end_to_end: dict[str, dict[str, Any]] = dict(end_to_end or {})
+    self.models: dict[str, dict[str, Any]] = dict(models or {})
     self.builds: list[dict[str, Any]] = list(builds or [])
     self.measured = 0
-    self.measured_end_to_end = 0
     self.log = log
 
   # ---- files --------------------------------------------------------------------------------
@@ -329,8 +183,8 @@ class LatencyTable:
         'error' (raise :class:`TableError`).
       key: the current device key (default :func:`device_key`); tests pass fakes.
     Raises:
-      TableError: the file belongs to another device / JAX version, or is corrupted and
-        ``on_corrupt='error'``.
+      TableError: the file belongs to another device / JAX version / XLA flags, or is
+        corrupted and ``on_corrupt='error'``, or its folder is not writable.
     """
     if on_corrupt not in ('rebuild', 'error'):
       raise ValueError(f"on_corrupt must be 'rebuild' or 'error', got {on_corrupt!r}")
@@ -363,11 +217,11 @@ class LatencyTable:
     if data['key'] != key:
       raise TableError(
           f'latency table {path} was measured on a different device, JAX version or XLA '
-          f'flags and is refused.\n  table:   {describe_key(data["key"])}\n  current: {describe_key(key)}\n'
+          f'flags and is refused.\n  table:   {describe_key(data["key"])}\n'
+          f'  current: {describe_key(key)}\n'
           f'Pass a table built on this device, or delete the file to rebuild it here.')
-    builds = data.get('builds', [])
-    return cls(key, path, data['entries'], data['end_to_end'], log=log,
-               builds=builds if isinstance(builds, list) else [])
+    return cls(key, path, data['entries'], data.get('models', {}), data.get('builds', []),
+               log=log)
 
   @staticmethod
   def _read(path: str) -> dict[str, Any]:
@@ -386,24 +240,24 @@ class LatencyTable:
                        f'{FORMAT_VERSION}')
     if not isinstance(data.get('key'), dict):
       raise ValueError('missing device "key"')
-    entries = data.get('entries')
-    end_to_end = data.get('end_to_end', {})
-    if not isinstance(entries, dict) or not isinstance(end_to_end, dict):
-      raise ValueError('"entries" / "end_to_end" must be objects')
-    for name, value in list(entries.items()) + list(end_to_end.items()):
+    entries, models = data.get('entries'), data.get('models', {})
+    if not isinstance(entries, dict) or not isinstance(models, dict):
+      raise ValueError('"entries" / "models" must be objects')
+    if not isinstance(data.get('builds', []), list):
+      raise ValueError('"builds" must be a list')
+    for name, value in entries.items():
       _validate_entry(name, value)
     return data
 
   def save(self, path: Optional[str] = None) -> str:
     """Writes the table atomically (temp file + rename): readers never see a partial file."""
-    path = os.path.abspath(path or self.path or '')
-    if not path or path == os.path.abspath(''):
+    path = path or self.path
+    if not path:
       raise ValueError('LatencyTable.save: no path')
-    data = {'format': FORMAT, 'version': FORMAT_VERSION, 'key': self.key,
-            'updated': _utc_now(),
-            'builds': self.builds,
-            'entries': dict(sorted(self.entries.items())),
-            'end_to_end': dict(sorted(self.end_to_end.items()))}
+    path = os.path.abspath(path)
+    data = {'format': FORMAT, 'version': FORMAT_VERSION, 'key': self.key, 'updated': utc_now(),
+            'builds': self.builds, 'models': self.models,
+            'entries': dict(sorted(self.entries.items()))}
     try:
       write_json_atomic(path, data, indent=1)
     except OSError as e:
@@ -415,141 +269,31 @@ class LatencyTable:
   def __len__(self) -> int:
     return len(self.entries)
 
-  def get(self, config: UnitConfig, c_in: int, c_out: int) -> Optional[float]:
-    """The measured latency (ms) of an exact grid point, or None."""
-    entry = self.entries.get(entry_key(config, c_in, c_out))
-    return None if entry is None else float(entry['ms'])
+  def get(self, key: str) -> Optional[dict[str, Any]]:
+    return self.entries.get(key)
 
-  def path_of(self, config: UnitConfig, c_in: int, c_out: int) -> str:
-    """Execution path XLA chose for an entry ('xla' when unknown)."""
-    entry = self.entries.get(entry_key(config, c_in, c_out)) or {}
-    return str(entry.get('path', 'xla'))
+  def put(self, key: str, entry: Mapping[str, Any]) -> None:
+    self.entries[key] = _validate_entry(key, dict(entry))
 
-  def missing(self, requests: Iterable[Request]) -> list[Request]:
-    seen, out = set(), []
-    for config, c_in, c_out in requests:
-      k = entry_key(config, c_in, c_out)
+  def missing(self, keys: Iterable[str]) -> list[str]:
+    """``keys`` not in the table, in order, without repeats."""
+    seen: set[str] = set()
+    out = []
+    for k in keys:
       if k not in self.entries and k not in seen:
         seen.add(k)
-        out.append((config, int(c_in), int(c_out)))
+        out.append(k)
     return out
 
-  def ensure(self, requests: Iterable[Request], repeats: int = 9, warmup: int = 1,
-             max_calls: int = 256, max_bytes: int = 768 << 20, seed: int = 0,
-             save: bool = True) -> int:
-    """Measures the requested entries that are not in the table yet; returns how many.
-
-    Design choice: entries are measured in large batches (up to ``max_calls`` entries of any
-    configurations, holding at most ``max_bytes`` of device arrays) whose timed calls are
-    interleaved (``protocol.measure_many``): a burst of background load then slows every entry
-    of the batch alike instead of distorting one layer's numbers. Inputs of equal shape are
-    shared. With ``save`` and a ``path``, the table is saved after every batch, so an
-    interrupted build keeps its progress and the file is always complete and valid.
-    """
-    todo = self.missing(requests)
-    if not todo:
-      return 0
-    todo.sort(key=lambda r: (r[0].key(), r[1], r[2]))
-    itemsize = {r[0].dtype: jnp.dtype(r[0].dtype).itemsize for r in todo}
-    batches: list[list[Request]] = [[]]
-    batch_bytes, batch_shapes = 0, set()
-    for request in todo:
-      config, c_in, c_out = request
-      shape = (config.dtype, *input_shape_of(config, c_in))
-      kernel = int(np.prod(config.kernel or (1,))) * c_in * c_out  # Upper bound (groups=1).
-      cost = (kernel + (0 if shape in batch_shapes else int(np.prod(shape[1:])))) * itemsize[
-          config.dtype]
-      if batches[-1] and (len(batches[-1]) >= max_calls or batch_bytes + cost > max_bytes):
-        batches.append([])
-        batch_bytes, batch_shapes = 0, set()
-      batches[-1].append(request)
-      batch_bytes += cost
-      batch_shapes.add(shape)
-    rng = np.random.default_rng(seed)
-    start = time.perf_counter()
-    build = {'utc': _utc_now(), 'entries': 0, 'seconds': 0.0, 'repeats': repeats,
-             'loadavg_before': load_average()}
-    warn_if_busy(self.log)
-    self.builds.append(build)
-    done = 0
-    functions: dict[str, Callable] = {}
-    for part in batches:
-      inputs: dict[tuple[Any, ...], jax.Array] = {}
-      calls, paths = [], []
-      for config, c_in, c_out in part:
-        fn = functions.setdefault(config.key(), unit_function(config))
-        shape = (config.dtype, *input_shape_of(config, c_in))
-        if shape not in inputs:
-          inputs[shape] = unit_arguments(config, c_in, c_out, rng)[0]
-        args = unit_arguments(config, c_in, c_out, rng, x=inputs[shape])
-        compiled, _ = protocol.compile_fn(fn, *args)
-        calls.append((compiled, args))
-        paths.append(execution_path(compiled))
-      timings = protocol.measure_many(calls, repeats=repeats, warmup=warmup)
-      for (config, c_in, c_out), t, path in zip(part, timings, paths):
-        self.entries[entry_key(config, c_in, c_out)] = {
-            'ms': max(t.median_ms, 1e-6), 'iqr_ms': t.iqr_ms, 'n': t.repeats, 'path': path}
-      done += len(part)
-      self.measured += len(part)
-      build.update(entries=done, seconds=round(time.perf_counter() - start, 2),
-                   loadavg_after=load_average())
-      del calls, inputs
-      if save and self.path:
-        self.save()
-      self.log(f'  latency table: {done}/{len(todo)} new entries measured '
-               f'({time.perf_counter() - start:.1f} s)')
-    return done
-
-  def grid_values(self, config: UnitConfig, c_in_grid: Sequence[int],
-                  c_out_grid: Sequence[int], path: Optional[str] = None) -> np.ndarray:
-    """Measured ms on the grid, shape [len(c_in_grid), len(c_out_grid)] (depthwise: [n]).
-
-    With ``path`` ('xla' or 'ynn'), entries compiled to the other execution path read 0: the
-    two grids sum to the full one and interpolate separately (see ``execution_path``).
-    """
-    if config.depthwise:
-      pairs = [(c, c) for c in c_in_grid]
-      shape: tuple[int, ...] = (len(c_in_grid),)
-    else:
-      pairs = [(ci, co) for ci in c_in_grid for co in c_out_grid]
-      shape = (len(c_in_grid), len(c_out_grid))
-    values = [self.get(config, ci, co) for ci, co in pairs]
-    if path is not None:
-      values = [v if v is None or self.path_of(config, ci, co) == path else 0.0
-                for v, (ci, co) in zip(values, pairs)]
-    missing = [p for p, v in zip(pairs, values) if v is None]
-    if missing:
-      raise TableError(
-          f'latency table {self.path or "(in memory)"} lacks {len(missing)} entries for '
-          f'{config.key()} (e.g. c_in={missing[0][0]}, c_out={missing[0][1]}); build it with '
-          f'--mode=latency_table (or LatencyPredictor.build)')
-    return np.asarray(values, np.float64).reshape(shape)
-
-  def lookup(self, config: UnitConfig, c_in: float, c_out: float) -> float:
-    """Latency (ms) at any channel counts, interpolated over all entries of ``config``.
-
-    Uses the largest complete rectangular grid among the stored entries.
-    """
-    prefix = config.key() + '|'
-    points = []
-    for k in self.entries:
-      if k.startswith(prefix):
-        ci, co = k[len(prefix):].split('|')
-        points.append((int(ci[2:]), int(co[2:])))
-    if not points:
-      raise TableError(f'latency table has no entries for {config.key()}')
-    if config.depthwise:
-      grid = sorted({ci for ci, co in points if ci == co})
-      return interpolate_diagonal(grid, self.grid_values(config, grid, grid), c_in)
-    c_in_grid = sorted({ci for ci, _ in points})
-    rows = [{co for ci2, co in points if ci2 == ci} for ci in c_in_grid]
-    c_out_grid = sorted(set.intersection(*rows))
-    if not c_out_grid:
-      raise TableError(f'latency table entries for {config.key()} do not form a grid')
-    return interpolate(c_in_grid, c_out_grid, self.grid_values(config, c_in_grid, c_out_grid),
-                       c_in, c_out)
+  def stale(self, keys: Iterable[str]) -> list[str]:
+    """``keys`` whose entries were measured on a busy machine (``loaded``)."""
+    return [k for k in keys if self.entries.get(k, {}).get('loaded')]
 
 
-__all__ = ['FORMAT', 'LatencyTable', 'TableError', 'device_key', 'default_table_path',
-           'describe_key', 'entry_key', 'interpolate', 'interpolate_diagonal', 'unit_function',
-           'unit_arguments']
+def entry_digest(data: Any) -> str:
+  """Short stable digest of JSON-able data (model fingerprints)."""
+  return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+__all__ = ['FORMAT', 'LatencyTable', 'TableError', 'default_table_path', 'describe_key',
+           'device_key', 'entry_digest', 'load_average', 'warn_if_busy']

@@ -15,7 +15,7 @@ from ttmpd_jax.models.common import freeze_widths, widths_from_variables
 from ttmpd_jax.models.mobilenetv2 import MobileNetV2
 from ttmpd_jax.models.resnet_cifar import CifarResNet
 from ttmpd_jax.models.resnet_imagenet import ImageNetResNet
-from ttmpd_jax.models.vgg import VGG
+from ttmpd_jax.models.vgg import VGG, VGG_MEDIUM
 
 
 def _cifar_resnet(depth):
@@ -31,6 +31,7 @@ _REGISTRY = {
     'resnet50': lambda num_classes, **kw: ImageNetResNet(
         stage_sizes=(3, 4, 6, 3), bottleneck=True, num_classes=num_classes, **kw),
     'vgg_small': lambda num_classes, **kw: VGG(num_classes=num_classes, **kw),
+    'vgg_medium': lambda num_classes, **kw: VGG(num_classes=num_classes, config=VGG_MEDIUM, **kw),
     'mobilenetv2': lambda num_classes, **kw: MobileNetV2(num_classes=num_classes, **kw),
 }
 

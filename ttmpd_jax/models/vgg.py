@@ -16,6 +16,9 @@ from ttmpd_jax.models.common import conv_bn, layer_width
 
 # Channel counts, 'M' = 2x2 max-pool.
 VGG_SMALL: tuple[Union[int, str], ...] = (32, 32, 'M', 64, 64, 'M', 128, 'M')
+# Ten convolutions (eleven prunable channel groups with fc1): a search with a real choice.
+VGG_MEDIUM: tuple[Union[int, str], ...] = (16, 16, 'M', 32, 32, 32, 'M', 64, 64, 64, 'M', 128,
+                                           128)
 
 
 class VGG(nn.Module):

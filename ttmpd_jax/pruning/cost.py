@@ -17,11 +17,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
 from ttmpd_jax.errors import UserError
-from ttmpd_jax.pruning.graph import ChannelGroup, Path, _default_apply_kwargs, key_path
+from ttmpd_jax.pruning.graph import (_CALLS, ChannelGroup, Path, _Tracer, _default_apply_kwargs,
+                                     key_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,38 +34,89 @@ class Cost:
   params: int
 
 
-def kernel_positions(model: nn.Module, image_shape: tuple[int, ...], *,
-                     apply_kwargs: Optional[Mapping[str, Any]] = None) -> dict[Path, int]:
-  """Output positions per example of every ``nn.Conv``/``nn.Dense`` kernel, summed over calls.
+def _abstract_variables(model: Any, x: jax.ShapeDtypeStruct, kwargs: Mapping[str, Any]) -> Any:
+  if isinstance(model, nn.Module):
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **kwargs), x)
+  return model.abstract_variables()
 
-  A layer's MACs are ``positions * kernel.size`` (a depthwise kernel ``[kh, kw, 1, C]`` included),
-  and positions do not change when channels are pruned, so they are read once from an abstract
-  run of the unpruned model (no FLOPs, no variables needed).
+
+def _eqn_macs(eqn) -> int:
+  """Multiply-accumulates of one conv/matmul equation (dense-equivalent: every output element
+  times its reduction length)."""
+  out = int(np.prod(eqn.outvars[0].aval.shape, dtype=np.int64))
+  if eqn.primitive.name == 'conv_general_dilated':
+    rhs = eqn.invars[1].aval.shape
+    out_dim = eqn.params['dimension_numbers'][1][0]
+    return out * int(np.prod(rhs, dtype=np.int64)) // int(rhs[out_dim])
+  (lc, _), _ = eqn.params['dimension_numbers']
+  lhs = eqn.invars[0].aval.shape
+  return out * int(np.prod([lhs[d] for d in lc], dtype=np.int64))
+
+
+def _leaf_macs(jaxpr, sources: dict, macs: dict[int, int]) -> list[Optional[int]]:
+  """Adds each conv/matmul's MACs to the parameter leaf feeding it; returns the leaf each output
+  of ``jaxpr`` comes from (None if none)."""
+  src = dict(sources)
+
+  def read(v):
+    return None if isinstance(v, jex.Literal) else src.get(v)
+
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    p = eqn.primitive.name
+    sub = _Tracer._sub_jaxpr(eqn, _CALLS[p]) if p in _CALLS else None
+    if sub is not None and len(sub[0].invars) == len(ins):
+      outs = _leaf_macs(sub[0], {v: l for v, l in zip(sub[0].invars, ins) if l is not None}, macs)
+      src.update({v: l for v, l in zip(eqn.outvars, outs) if l is not None})
+    elif p in ('conv_general_dilated', 'dot_general'):
+      leaf = ins[1] if ins[1] is not None else ins[0]
+      if leaf is not None:
+        macs[leaf] = macs.get(leaf, 0) + _eqn_macs(eqn)
+    else:
+      # A kernel cast, masked, reversed or reshaped is still that kernel.
+      derived = {(l, int(np.prod(v.aval.shape))) for l, v in zip(ins, eqn.invars) if l is not None}
+      if len(derived) == 1 and len(eqn.outvars) == 1:
+        leaf, size = derived.pop()
+        if int(np.prod(eqn.outvars[0].aval.shape)) == size:
+          src[eqn.outvars[0]] = leaf
+  return [read(v) for v in jaxpr.outvars]
+
+
+def kernel_positions(model: Any, image_shape: tuple[int, ...], *,
+                     apply_kwargs: Optional[Mapping[str, Any]] = None) -> dict[Path, int]:
+  """Output positions per example of every parameter kernel, summed over its calls.
+
+  A layer's MACs are ``positions * kernel.size`` (a depthwise kernel ``[kh, kw, 1, C]``
+  included), and positions do not change when channels are pruned, so they are read once from
+  an abstract trace of the unpruned model (no FLOPs, no variables needed): every
+  ``conv_general_dilated``/``dot_general`` fed by a parameter leaf contributes
+  ``output size x reduction length / kernel size``.
+
+  Args:
+    model: a linen module or an NNX adapter (``pruning.nnx.from_nnx``).
 
   Returns:
     ``('params', *module_path, 'kernel')`` -> positions (``H_out * W_out`` for a conv, the
     number of rows per example for a dense layer).
   """
   kwargs = dict(_default_apply_kwargs(model) if apply_kwargs is None else apply_kwargs)
-  positions: dict[Path, int] = {}
-
-  def record(next_fun, args, call_kwargs, context):
-    out = next_fun(*args, **call_kwargs)
-    module = context.module
-    if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
-      path = ('params', *module.path, 'kernel')
-      positions[path] = positions.get(path, 0) + int(np.prod(out.shape[1:-1], dtype=np.int64))
-    return out
-
-  def run():
-    with nn.intercept_methods(record):
-      return model.init(jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32), **kwargs)
-
-  jax.eval_shape(run)
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(_abstract_variables(model, x, kwargs))
+  leaves = [leaf for _, leaf in flat]
+  closed = jax.make_jaxpr(
+      lambda ls, x: model.apply(jax.tree_util.tree_unflatten(treedef, ls), x, **kwargs))(
+          leaves, x)
+  macs: dict[int, int] = {}
+  _leaf_macs(closed.jaxpr, dict(zip(closed.jaxpr.invars, range(len(leaves)))), macs)
+  positions = {}
+  for leaf, m in macs.items():
+    path = key_path(flat[leaf][0])
+    if path[0] == 'params':
+      positions[path] = m // int(np.prod(leaves[leaf].shape, dtype=np.int64))
   return positions
 
 
-def count_cost(model: nn.Module, variables: Mapping[str, Any], image_shape: tuple[int, ...], *,
+def count_cost(model: Any, variables: Mapping[str, Any], image_shape: tuple[int, ...], *,
                apply_kwargs: Optional[Mapping[str, Any]] = None) -> Cost:
   """Measured cost of ``variables`` run by ``model`` at ``image_shape`` ([H, W, C], no batch).
 
@@ -119,7 +172,7 @@ class CostModel:
     return self({name: int(np.sum(np.asarray(m))) for name, m in masks.items()})
 
 
-def cost_model(model: nn.Module, variables: Mapping[str, Any],
+def cost_model(model: Any, variables: Mapping[str, Any],
                groups: Sequence[ChannelGroup], image_shape: tuple[int, ...], *,
                apply_kwargs: Optional[Mapping[str, Any]] = None) -> CostModel:
   """Builds a :class:`CostModel` for ``model`` at ``image_shape`` ([H, W, C]).

@@ -181,6 +181,7 @@ class _Tracer:
     self.roles: list[tuple[np.ndarray, int]] = []  # 1 = 'in', 2 = 'out'
     self.flags: dict[str, list[np.ndarray]] = {'input': [], 'output': [], 'fixed': []}
     self.blocked: list[tuple[np.ndarray, str]] = []
+    self.layers: list[tuple[str, Any, list[AxisAtoms], list[AxisAtoms], str]] = []
 
   def new(self, n: int, leaf: int = -1, axis: int = -1) -> np.ndarray:
     atoms = np.arange(self.count, self.count + n, dtype=np.int64)
@@ -465,6 +466,7 @@ class _Tracer:
     fgc, bgc = pr['feature_group_count'], pr['batch_group_count']
     lhs_f, rhs_in, rhs_out = lhs[lhs_spec[1]], rhs[rhs_spec[1]], rhs[rhs_spec[0]]
     c_out = in_shapes[1][rhs_spec[0]]
+    self.layers.append(('conv', eqn, list(lhs), list(rhs), where))
     if rhs_out is None:
       rhs_out = self.fresh((c_out,), 'fixed')[0]
     if bgc != 1:
@@ -493,6 +495,7 @@ class _Tracer:
   def _dot_general(self, eqn, ins, in_shapes, out_shapes, where):
     (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
     lhs, rhs = ins[0], ins[1]
+    self.layers.append(('dense', eqn, list(lhs), list(rhs), where))
     for a, b in zip(lc, rc):
       self.tie(lhs[a], rhs[b])
       for x in (lhs[a], rhs[b]):
@@ -537,7 +540,8 @@ def _components(n: int, ties: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray
 def discover_groups(model: Union[nn.Module, Callable[..., Any]], variables: Mapping[str, Any],
                     example_input: Any, *, apply_kwargs: Optional[Mapping[str, Any]] = None,
                     on_unsupported: str = 'error',
-                    elementwise_primitives: Iterable[str] = ()) -> Groups:
+                    elementwise_primitives: Iterable[str] = (),
+                    layer_records: Optional[list] = None) -> Groups:
   """Finds every group of parameter axes that must be pruned together.
 
   Args:
@@ -553,6 +557,9 @@ def discover_groups(model: Union[nn.Module, Callable[..., Any]], variables: Mapp
       keeps such groups with ``prunable=False``.
     elementwise_primitives: names of extra primitives to treat as element-wise (a declaration
       for custom primitives whose channels line up one to one).
+    layer_records: a list to which one :class:`LayerRecord` per conv/dense layer (a
+      ``conv_general_dilated`` or ``dot_general`` with a parameter kernel) is appended, in call
+      order: the same analysis, read by the latency model (see :func:`trace_layers`).
 
   Returns:
     All channel groups (prunable or not) in call order of their first producer.
@@ -564,7 +571,9 @@ def discover_groups(model: Union[nn.Module, Callable[..., Any]], variables: Mapp
   """
   if on_unsupported not in ('error', 'freeze'):
     raise ValueError(f"on_unsupported must be 'error' or 'freeze', got {on_unsupported!r}")
-  if isinstance(model, nn.Module):
+  from ttmpd_jax.pruning import layers as layer_kinds  # pylint: disable=g-import-not-at-top
+  kwargs: dict[str, Any] = {}
+  if layer_kinds.is_model(model):  # A linen module or an NNX adapter (``pruning.nnx``).
     kwargs = dict(_default_apply_kwargs(model) if apply_kwargs is None else apply_kwargs)
     apply_fn = lambda v, x: model.apply(v, x, **kwargs)
   else:
@@ -590,8 +599,17 @@ def discover_groups(model: Union[nn.Module, Callable[..., Any]], variables: Mapp
   outs = tracer.run(closed.jaxpr, const_atoms, leaf_atoms + input_atoms, '')
   for atoms in outs:
     tracer.flags['output'].extend(a for a in atoms if a is not None)
+  # Parameters of layers that cannot be rebuilt smaller (see ``layers.py``) block their groups;
+  # these reasons come first, as they name the layer kind.
+  refused = layer_kinds.unsupported_leaves(model, jax.tree_util.tree_unflatten(treedef, leaves),
+                                           jax.tree_util.tree_unflatten(x_def, x_abs), kwargs)
+  tracer.blocked[:0] = [(a, refused[path]) for i, path in enumerate(paths) if path in refused
+                        for a in leaf_atoms[i]]
 
-  return _build_groups(tracer, paths, leaves, leaf_atoms, on_unsupported)
+  groups = _build_groups(tracer, paths, leaves, leaf_atoms, on_unsupported)
+  if layer_records is not None:
+    layer_records.extend(_layer_records(tracer, paths, groups))
+  return groups
 
 
 def _build_groups(tracer: _Tracer, paths: list[Path], leaves, leaf_atoms,
@@ -719,3 +737,127 @@ def _build_groups(tracer: _Tracer, paths: list[Path], leaves, leaf_atoms,
     result.append(ChannelGroup(name, group_size[sg], tuple(members[sg]), prunable=not reason,
                                reason=reason))
   return tuple(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer records: the same trace, read per conv/dense layer (used by the latency model).
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+  """One conv/dense layer of a traced model, with the channel groups on its feature axes.
+
+  Attributes:
+    module: module path of the kernel (its width-spec key), e.g. ``'stage1_block0/conv1'``.
+    kernel: variable path of the kernel leaf.
+    kind: ``'conv'`` (``conv_general_dilated``) or ``'dense'`` (``dot_general``).
+    layer: the name stack it was traced under.
+    input_shape, output_shape: shapes of the activation operand and of the result.
+    c_in, c_out: input features (the contracted size; after a flatten, spatial x channels) and
+      output features of the unpruned layer.
+    kernel_size, strides, padding: spatial kernel size, window strides and explicit padding of a
+      conv (empty for dense).
+    feature_group_count: of a conv (1 for dense).
+    depthwise: a conv with ``feature_group_count == c_in == c_out`` (it makes no new channels).
+    inputs: ``(group name, member)`` for every group with positions on the axis that indexes the
+      layer's input features (the kernel's input axis; a depthwise kernel's output axis). Several
+      groups after a concatenation; ``member.index`` maps positions to channels (a flatten
+      repeats each channel once per spatial position). Positions of no group are fixed
+      (model-input channels).
+    outputs: the same for the kernel's output axis.
+  """
+
+  module: str
+  kernel: Path
+  kind: str
+  layer: str
+  input_shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  c_in: int
+  c_out: int
+  kernel_size: tuple[int, ...] = ()
+  strides: tuple[int, ...] = ()
+  padding: tuple[tuple[int, int], ...] = ()
+  feature_group_count: int = 1
+  depthwise: bool = False
+  inputs: tuple[tuple[str, Member], ...] = ()
+  outputs: tuple[tuple[str, Member], ...] = ()
+
+
+def _kernel_leaf(atoms: Sequence[AxisAtoms], owner_leaf: np.ndarray,
+                 owner_axis: np.ndarray) -> Optional[tuple[int, list[int]]]:
+  """(leaf, leaf axis of each operand axis) when the operand is a parameter leaf, else None."""
+  if not atoms or any(a is None or a.size == 0 for a in atoms):
+    return None
+  leaves = {int(owner_leaf[a[0]]) for a in atoms}
+  if len(leaves) != 1 or -1 in leaves:
+    return None
+  return leaves.pop(), [int(owner_axis[a[0]]) for a in atoms]
+
+
+def _layer_records(tracer: _Tracer, paths: list[Path], groups: Groups) -> list[LayerRecord]:
+  owner_leaf = np.full(tracer.count, -1, np.int64)
+  owner_axis = np.full(tracer.count, -1, np.int64)
+  for start, size, leaf, axis in tracer.leaf_ranges:
+    owner_leaf[start:start + size] = leaf
+    owner_axis[start:start + size] = axis
+  on_axis: dict[tuple[Path, int], list[tuple[str, Member]]] = {}
+  for g in groups:
+    for m in g.members:
+      on_axis.setdefault((m.path, m.axis), []).append((g.name, m))
+  records = []
+  for kind, eqn, lhs, rhs, where in tracer.layers:
+    in_shapes = [tuple(v.aval.shape) for v in eqn.invars]
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    if kind == 'conv':
+      lhs_spec, rhs_spec, out_spec = eqn.params['dimension_numbers']
+      found = _kernel_leaf(rhs, owner_leaf, owner_axis)
+      if found is None:
+        continue
+      leaf, axes = found
+      x_shape = in_shapes[0]
+      c_in, c_out = x_shape[lhs_spec[1]], in_shapes[1][rhs_spec[0]]
+      fgc = int(eqn.params['feature_group_count'])
+      depthwise = fgc > 1 and fgc == c_in == c_out
+      in_axis = axes[rhs_spec[0]] if depthwise else axes[rhs_spec[1]]
+      out_axis = axes[rhs_spec[0]]
+      extra = dict(kernel_size=tuple(in_shapes[1][d] for d in rhs_spec[2:]),
+                   strides=tuple(int(s) for s in eqn.params['window_strides']),
+                   padding=tuple((int(lo), int(hi)) for lo, hi in eqn.params['padding']),
+                   feature_group_count=fgc, depthwise=depthwise)
+    else:
+      (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
+      found, x_shape, contracted = None, None, ()
+      for operand, free_of, mine, shape in ((rhs, lhs, rc, in_shapes[0]),
+                                            (lhs, rhs, lc, in_shapes[1])):
+        found = _kernel_leaf(operand, owner_leaf, owner_axis)
+        if found is not None and len(mine) == 1:
+          x_shape, contracted = shape, mine
+          kernel_atoms_rank = len(operand)
+          break
+      if found is None or x_shape is None or kernel_atoms_rank != 2:
+        continue
+      leaf, axes = found
+      in_axis, out_axis = axes[contracted[0]], axes[1 - contracted[0]]
+      c_in = int(np.prod([in_shapes[1 if x_shape is in_shapes[0] else 0][contracted[0]]]))
+      c_out = out_shape[-1]
+      extra = {}
+    path = paths[leaf]
+    module = path[1:-1] if len(path) > 2 and path[0] == 'params' else path[:-1]
+    records.append(LayerRecord(
+        '/'.join(module) or '/'.join(path), path, kind, where, tuple(x_shape), out_shape,
+        int(c_in), int(c_out), inputs=tuple(on_axis.get((path, in_axis), ())),
+        outputs=tuple(on_axis.get((path, out_axis), ())), **extra))
+  return records
+
+
+def trace_layers(model: Union[nn.Module, Callable[..., Any]], variables: Mapping[str, Any],
+                 example_input: Any, **kwargs: Any) -> tuple[Groups, tuple[LayerRecord, ...]]:
+  """:func:`discover_groups` plus one :class:`LayerRecord` per conv/dense layer (one trace).
+
+  ``kwargs`` are those of :func:`discover_groups`. Layers whose kernel is not a parameter leaf
+  (a product of two activations) are not recorded.
+  """
+  records: list[LayerRecord] = []
+  groups = discover_groups(model, variables, example_input, layer_records=records, **kwargs)
+  return groups, tuple(records)

@@ -37,7 +37,9 @@ def per_channel(values: jax.Array, member: Member, size: int,
   flatten into a Dense layer) are then summed, positions of other groups dropped.
   """
   axes = tuple(d for d in range(values.ndim) if d != member.axis)
-  per_position = reduce(values.astype(jnp.float32), axes) if axes else values.astype(jnp.float32)
+  # Design choice: the reduction always runs (over no axes for a 1-D leaf), so |.| and (.)^2
+  # apply to [C] weights too.
+  per_position = reduce(values.astype(jnp.float32), axes)
   if member.index is None:
     return per_position
   index = np.asarray(member.index)

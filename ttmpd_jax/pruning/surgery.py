@@ -127,3 +127,26 @@ def shrink_groups(groups: Sequence[ChannelGroup], masks: Masks) -> tuple[Channel
                             None if identity else tuple(int(i) for i in index)))
     out.append(ChannelGroup(g.name, size, tuple(members), g.prunable, g.reason))
   return tuple(out)
+
+
+def embed_channels(small: Mapping[str, Any], full: Mapping[str, Any],
+                   groups: Sequence[ChannelGroup], masks: Masks) -> Any:
+  """The inverse of :func:`remove_channels`: ``small``'s values at the kept positions of a copy
+  of ``full`` (removed positions keep ``full``'s values, which ``apply_masks`` then zeroes).
+
+  So ``apply_masks(embed_channels(small, full, groups, masks), masks, groups)`` run by the
+  unpruned model equals ``small`` run by :func:`run_pruned` — the masking law, for a network that
+  was trained (fine-tuned) after its channels were removed. Host NumPy, like removal.
+  """
+  keeps = _axis_keeps(groups, _concrete(masks, groups))
+  flat_full, treedef = jax.tree_util.tree_flatten_with_path(full)
+  flat_small = jax.tree_util.tree_leaves(small)
+  out = []
+  for (kp, leaf), value in zip(flat_full, flat_small):
+    path = key_path(kp)
+    index = [np.flatnonzero(keeps[(path, a)]) if (path, a) in keeps else np.arange(n)
+             for a, n in enumerate(np.shape(leaf))]
+    merged = np.array(leaf, copy=True)
+    merged[np.ix_(*index)] = np.asarray(value)
+    out.append(merged)
+  return jax.tree_util.tree_unflatten(treedef, out)

@@ -23,12 +23,18 @@ def random_variables(model: nn.Module, example_input: Any, seed: int = 0, **appl
   """
   abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **apply_kwargs),
                             example_input)
+  return randomize(abstract, seed)
+
+
+def randomize(variables: Any, seed: int = 0) -> Any:
+  """Random values of the shapes and dtypes of ``variables`` (arrays or abstract leaves), drawn
+  by leaf name as in :func:`random_variables` (e.g. for ``from_nnx`` variables)."""
   rng = np.random.default_rng(seed)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
   out = []
   for kp, leaf in flat:
     name = str(getattr(kp[-1], 'key', kp[-1]))
-    shape = leaf.shape
+    shape = tuple(np.shape(leaf))
     if name == 'kernel':
       fan_in = int(np.prod(shape[:-1])) or 1
       value = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)

@@ -17,8 +17,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from ttmpd_jax import parallel, train
 from ttmpd_jax.distill import bn_adapt, finetune as finetune_lib
 from ttmpd_jax.pruning.graph import ChannelGroup
 from ttmpd_jax.pruning.masks import apply_masks
@@ -42,37 +44,74 @@ def mask_transform(groups: Sequence[ChannelGroup]) -> Callable:
   return lambda variables, masks: apply_masks(variables, masks, groups, validate=False)
 
 
-def make_candidate_evaluator(model: nn.Module, groups: Sequence[ChannelGroup],
-                             data: SearchData) -> Callable:
-  """``evaluate(variables, masks) -> (v1, v2)`` as floats; compiled once per architecture.
+class CandidateEvaluator:
+  """``(v1, v2)`` of masked candidates, spread over every device of ``mesh``.
 
-  Adaptive BN (exact average over ``data.bn_images``) of the masked candidate, then its
-  eval-mode logits on the held-out slice against the cached teacher logits.
+  Adaptive BN (exact average over ``data.bn_images``) of each masked candidate, then its
+  eval-mode logits on the held-out slice against the cached teacher logits. Design choice:
+  candidates are evaluated ``mesh.size`` at a time — masks stacked along a candidate axis,
+  ``vmap``ped and sharded over the mesh's one axis (one candidate per device, every process of a
+  multi-host job holding the same masks) — so one compiled function per architecture serves any
+  number of candidates (the last chunk is padded), and on one device it is the sequential loop.
   """
-  adapt = bn_adapt.make_bn_adapter(model, mask_transform(groups))
 
-  @jax.jit
-  def evaluate(variables, masks, bn_images, images, teacher_logits):
-    adapted = adapt(variables, masks, bn_images)
-    logits = model.apply(adapted, images, train=False)
-    return agreement_and_kl(logits, teacher_logits)
+  def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], data: SearchData,
+               mesh: Optional[jax.sharding.Mesh] = None):
+    self.mesh = mesh or parallel.make_mesh()
+    self.groups = tuple(g for g in groups if g.prunable)
+    adapt = bn_adapt.make_bn_adapter(model, mask_transform(groups))
 
-  # device_put, not jnp.asarray: no eager XLA computation, so nothing compiles here.
-  bn_images, images, logits = jax.device_put(
-      (data.bn_images, data.heldout_images, data.heldout_logits))
+    def one(variables, masks, bn_images, images, teacher_logits):
+      adapted = adapt(variables, masks, bn_images)
+      logits = model.apply(adapted, images, train=False)
+      return jnp.stack(agreement_and_kl(logits, teacher_logits))
 
-  def run(variables, masks) -> tuple[float, float]:
-    v1, v2 = evaluate(variables, masks, bn_images, images, logits)
+    replicated = parallel.replicated(self.mesh)
+    self._evaluate = jax.jit(jax.vmap(one, in_axes=(None, 0, None, None, None)),
+                             out_shardings=replicated)
+    # device_put, not jnp.asarray: no eager XLA computation, so nothing compiles here.
+    self._data = parallel.replicate(
+        (data.bn_images, data.heldout_images, data.heldout_logits), self.mesh)
+
+  def _stacked(self, masks_list: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
+    sharding = parallel.data_sharded(self.mesh)
+    out = {}
+    for g in self.groups:
+      stacked = np.stack([np.asarray(m.get(g.name, np.ones(g.size, bool)), bool)
+                          for m in masks_list])
+      out[g.name] = jax.make_array_from_callback(stacked.shape, sharding,
+                                                 lambda index, a=stacked: a[index])
+    return out
+
+  def many(self, variables: Any, masks_list: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """float64 ``[len(masks_list), 2]``: (v1, v2) of each candidate of ``variables``."""
+    n, chunk = len(masks_list), self.mesh.size
+    variables = parallel.replicate(variables, self.mesh)
+    out = []
+    for lo in range(0, n, chunk):
+      part = list(masks_list[lo:lo + chunk])
+      part += [part[-1]] * (chunk - len(part))
+      out.append(np.asarray(self._evaluate(variables, self._stacked(part), *self._data)))
+    return np.concatenate(out)[:n].astype(np.float64) if out else np.zeros((0, 2))
+
+  def __call__(self, variables: Any, masks: Mapping[str, Any]) -> tuple[float, float]:
+    v1, v2 = self.many(variables, [masks])[0]
     return float(v1), float(v2)
 
-  return run
+
+def make_candidate_evaluator(model: nn.Module, groups: Sequence[ChannelGroup], data: SearchData,
+                             mesh: Optional[jax.sharding.Mesh] = None) -> CandidateEvaluator:
+  """``evaluate(variables, masks) -> (v1, v2)``; ``evaluate.many`` for a list of masks."""
+  return CandidateEvaluator(model, groups, data, mesh)
 
 
 class KDRunner:
   """Short KD runs from cached logits (or an online teacher) with one compiled step.
 
   Build one per architecture; ``run(variables, masks, steps)`` fine-tunes a (masked) student and
-  returns its variables. Masks are a jit argument, so every candidate reuses the same step.
+  returns its variables. Masks are a jit argument, so every candidate reuses the same step; the
+  state is built without XLA work (``train.create_train_state``) and batches are gathered on the
+  host (eager device gathers would compile per shape), so a run compiles only the step, once.
   """
 
   def __init__(self, model: nn.Module, groups: Optional[Sequence[ChannelGroup]], data: SearchData,
@@ -81,37 +120,31 @@ class KDRunner:
                online_teacher: Optional[tuple[nn.Module, Any]] = None):
     self.optimizer = finetune_lib.kd_optimizer(learning_rate, steps, schedule=schedule)
     transform = mask_transform(groups) if groups is not None else None
+    kd = dict(temperature=temperature, hard_weight=hard_weight)
     if online_teacher is None:
-      self.step = finetune_lib.make_kd_step(model, self.optimizer,
-                                            transform=transform, temperature=temperature,
-                                            hard_weight=hard_weight)
+      loss_fn = finetune_lib.kd_loss_fn(model, **kd)
     else:
-      self.step = finetune_lib.make_online_kd_step(
-          model, self.optimizer, online_teacher[0], online_teacher[1], transform=transform,
-          temperature=temperature, hard_weight=hard_weight)
-    self.online = online_teacher is not None
+      loss_fn = finetune_lib.online_kd_loss_fn(model, online_teacher[0], **kd)
+    self.step = train.make_step(loss_fn, self.optimizer, transform=transform)
+    self.teacher_variables = None if online_teacher is None else online_teacher[1]
     self.data, self.batch_size, self.seed = data, min(batch_size, len(data.train_images)), seed
 
+  def _inputs(self, step: int) -> tuple:
+    rows = finetune_lib.batch_positions(step, len(self.data.train_images), self.batch_size,
+                                        self.seed)
+    images = jax.device_put(self.data.train_images[rows])
+    if self.teacher_variables is not None:
+      return images, self.teacher_variables
+    return images, jax.device_put(self.data.train_logits[rows])
+
   def run(self, variables: Mapping[str, Any], masks: Any, steps: int) -> dict[str, Any]:
-    state = host_init_state(variables, self.optimizer)
-    n = len(self.data.train_images)
-    for step in range(steps):
-      # Batches are gathered on the host: eager device gathers would compile per shape.
-      rows = finetune_lib.batch_positions(step, n, self.batch_size, self.seed)
-      images = jax.device_put(self.data.train_images[rows])
-      if self.online:
-        state, _ = self.step(state, masks, images)
-      else:
-        state, _ = self.step(state, masks, images, jax.device_put(self.data.train_logits[rows]))
+    state = train.create_train_state(variables, self.optimizer)
+    batches = map(self._inputs, range(steps))
+    state, _ = train.train_loop(state, lambda state, inputs: self.step(state, masks, *inputs),
+                                batches, steps=steps)
     return jax.device_get(state.variables)
 
 
-def host_init_state(variables: Mapping[str, Any], optimizer: Any) -> finetune_lib.KDState:
-  """``finetune.init_state`` without eager XLA work: the optimizer state is built from its
-  abstract shapes as host zeros (every optax state we use starts at zero), so a new
-  architecture costs no compilation here."""
-  params = variables['params']
-  abstract = jax.eval_shape(optimizer.init, params)
-  opt_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
-  return finetune_lib.KDState(step=np.zeros((), np.int32), params=params,
-                              batch_stats=variables.get('batch_stats', {}), opt_state=opt_state)
+def host_init_state(variables: Mapping[str, Any], optimizer: Any) -> train.TrainState:
+  """A step-0 train state without eager XLA work (``train.create_train_state``)."""
+  return train.create_train_state(variables, optimizer)

@@ -6,15 +6,15 @@ BN-adapted candidate evaluated on a held-out slice of the fine-tuning subset,
 * ``v1`` = top-1 agreement with the teacher's cached pseudo labels (in [0, 1]);
 * ``v2`` = mean KL(teacher soft labels || candidate soft labels) (nats, >= 0).
 
-The approximated fine-tuned accuracy is ``Â = a0 + a1 * v1 + a2 * v2``, fitted by least squares
-on a few calibration candidates that *are* short-term fine-tuned. Both pieces are pluggable: any
-callable ``(v1, v2) -> Â`` with ``fit``/``predict`` can replace ``LinearAccuracyModel``.
+The approximated fine-tuned accuracy is linear, ``Â = a0 + a1 * v1 + a2 * v2`` with ``a1 >= 0``
+and ``a2 <= 0`` (more agreement never lowers Â, more KL never raises it). How it is fitted is
+described on :meth:`AccuracyModel.fit` and in ``docs/method.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,41 +31,6 @@ def agreement_and_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> tu
   return agree, kl
 
 
-@dataclasses.dataclass
-class LinearAccuracyModel:
-  """``Â = coef[0] + coef[1] * v1 + coef[2] * v2``; before fitting, ``Â = v1`` (no calibration).
-
-  Design choice: the fit is least squares *constrained to the monotone directions* — more
-  agreement never lowers Â (``coef[1] >= 0``) and more KL never raises it (``coef[2] <= 0``).
-  Calibration candidates of one iteration are similar to each other, so an unconstrained fit on
-  a handful of points can give KL a positive weight and then rank a badly damaged candidate first
-  by extrapolation; the constraint rules that out. Solved exactly as non-negative least squares
-  on centred features ``(v1, -v2)``, with a free intercept.
-  """
-
-  coef: np.ndarray = dataclasses.field(default_factory=lambda: np.array([0.0, 1.0, 0.0]))
-  fitted: bool = False
-  num_points: int = 0
-
-  def fit(self, v1: Sequence[float], v2: Sequence[float],
-          accuracy: Sequence[float]) -> 'LinearAccuracyModel':
-    from scipy import optimize
-    features = np.stack([np.asarray(v1, float), -np.asarray(v2, float)], axis=1)
-    y = np.asarray(accuracy, float)
-    mean_x, mean_y = features.mean(0), y.mean()
-    slopes, _ = optimize.nnls(features - mean_x, y - mean_y)
-    coef = np.array([mean_y - slopes @ mean_x, slopes[0], -slopes[1]])
-    return LinearAccuracyModel(coef, True, len(y))
-
-  def predict(self, v1, v2) -> np.ndarray:
-    v1, v2 = np.asarray(v1, float), np.asarray(v2, float)
-    return self.coef[0] + self.coef[1] * v1 + self.coef[2] * v2
-
-  def to_json(self) -> dict:
-    return {'coef': [float(c) for c in self.coef], 'fitted': self.fitted,
-            'num_points': self.num_points}
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
   """Spearman rank correlation (average ranks for ties); NaN with fewer than 3 points."""
   a, b = np.asarray(a, float), np.asarray(b, float)
@@ -73,3 +38,100 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float('nan')
   from scipy import stats
   return float(stats.spearmanr(a, b).statistic)
+
+
+def _centred(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+  out = values.astype(float).copy()
+  for g in np.unique(groups):
+    out[groups == g] -= out[groups == g].mean(0)
+  return out
+
+
+def _nnls_weights(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  from scipy import optimize
+  if not np.any(x):
+    return np.array([1.0, 0.0])
+  w, _ = optimize.nnls(x, y)
+  return w if np.any(w) else np.array([1.0, 0.0])
+
+
+# Candidate forms, as weights on the standardised features (v1, -v2); 'nnls' is fitted.
+FORMS = {'v1': np.array([1.0, 0.0]), 'v2': np.array([0.0, 1.0]), 'equal': np.array([1.0, 1.0]),
+         'nnls': None}
+
+
+def _form_weights(form: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  fixed = FORMS[form]
+  return _nnls_weights(x, y) if fixed is None else fixed
+
+
+def _cv_score(form: str, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
+  """Mean within-group Spearman of ``form`` when each group is predicted from the others."""
+  scores = []
+  for g in np.unique(groups):
+    test = groups == g
+    if test.sum() < 3:
+      continue
+    w = _form_weights(form, x[~test], y[~test])
+    rho = spearman(x[test] @ w, y[test])
+    if not np.isnan(rho):
+      scores.append(rho)
+  return float(np.mean(scores)) if scores else float('nan')
+
+
+@dataclasses.dataclass
+class AccuracyModel:
+  """``Â = coef[0] + coef[1] * v1 + coef[2] * v2``; before fitting, ``Â = v1`` (no calibration)."""
+
+  coef: np.ndarray = dataclasses.field(default_factory=lambda: np.array([0.0, 1.0, 0.0]))
+  fitted: bool = False
+  num_points: int = 0
+  form: str = 'v1'
+  cv: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def fit(cls, v1: Sequence[float], v2: Sequence[float], accuracy: Sequence[float],
+          groups: Optional[Sequence[int]] = None) -> 'AccuracyModel':
+    """Fits Â on fine-tuned candidates; ``groups`` = the iteration of each point.
+
+    Design choice: selection compares candidates *of one iteration*, so the fit uses
+    within-iteration deviations (each iteration's means subtracted: a per-iteration intercept)
+    on standardised features ``(v1, −v2)``. Four forms compete — v1 alone, v2 alone, equal
+    weights, non-negative least squares — and the one with the best leave-one-iteration-out
+    within-iteration Spearman wins (NNLS when fewer than two iterations have ≥ 3 points). The
+    intercept maps Â back to accuracy units (overall means), for reporting only.
+    """
+    v = np.stack([np.asarray(v1, float), -np.asarray(v2, float)], axis=1)
+    y = np.asarray(accuracy, float)
+    groups = np.zeros(len(y)) if groups is None else np.asarray(groups)
+    xc, yc = _centred(v, groups), _centred(y, groups)
+    scale = xc.std(0)
+    scale[scale == 0] = 1.0
+    xs = xc / scale
+    usable = sum((groups == g).sum() >= 3 for g in np.unique(groups))
+    cv = {f: _cv_score(f, xs, yc, groups) for f in FORMS} if usable >= 2 else {}
+    valid = {f: s for f, s in cv.items() if not np.isnan(s)}
+    form = max(valid, key=lambda f: (valid[f], f in ('nnls', 'equal'))) if valid else 'nnls'
+    w = _form_weights(form, xs, yc) / scale
+    slopes = np.array([w[0], -w[1]])
+    coef = np.array([y.mean() - slopes @ np.array([np.mean(v1), np.mean(v2)]), *slopes])
+    return cls(coef, True, len(y), form, cv)
+
+  def predict(self, v1, v2) -> np.ndarray:
+    v1, v2 = np.asarray(v1, float), np.asarray(v2, float)
+    return self.coef[0] + self.coef[1] * v1 + self.coef[2] * v2
+
+  def describe(self) -> str:
+    return (f'Â = {self.coef[0]:+.3f} {self.coef[1]:+.3f}·v1 {self.coef[2]:+.3f}·v2 '
+            f'(form {self.form})')
+
+  def to_json(self) -> dict[str, Any]:
+    return {'coef': [float(c) for c in self.coef], 'fitted': self.fitted,
+            'num_points': self.num_points, 'form': self.form,
+            'cv': {k: (None if np.isnan(v) else float(v)) for k, v in self.cv.items()}}
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> 'AccuracyModel':
+    cv = {k: float('nan') if v is None else float(v) for k, v in data.get('cv', {}).items()}
+    return cls(np.asarray(data['coef'], float), bool(data['fitted']),
+               int(data.get('num_points', 0)), str(data.get('form', 'nnls')), cv)

@@ -1,0 +1,50 @@
+"""Benchmark statistics: confidence intervals, paired differences, the summary and its plot."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ttmpd_jax import evidence
+
+
+def test_mean_ci95_matches_a_hand_computed_case():
+  # mean 2.5, sd 1.2909944, t(0.975, 3) = 3.1824463 -> half width 2.0542603.
+  mean, ci = evidence.mean_ci95([1.0, 2.0, 3.0, 4.0])
+  assert mean == pytest.approx(2.5)
+  assert ci == pytest.approx([0.4457397, 4.5542603], abs=1e-6)
+  assert evidence.mean_ci95([3.0]) == (3.0, None)
+  assert evidence.mean_ci95([None, float('nan')]) == (None, None)
+
+
+def _row(method, dataset, seed, acc, seconds, widths=None, **extra):
+  return {'model': 'm', 'method': method, 'dataset': dataset, 'seed': seed, 'kd': 'cached',
+          'accuracy': acc, 'latency_ratio': 0.5, 'prune_finetune_s': seconds,
+          'widths': widths or {'a': 4}, 'met_target': True, **extra}
+
+
+def test_summary_pairs_matched_cells_only():
+  runs = [_row('netadapt', 'd1', 0, 0.80, 100.0), _row('ttmpd', 'd1', 0, 0.81, 40.0),
+          _row('netadapt', 'd2', 0, 0.70, 200.0), _row('ttmpd', 'd2', 0, 0.68, 60.0),
+          _row('ttmpd', 'd3', 0, 0.99, 10.0, widths={'a': 2})]   # No NetAdapt partner.
+  summary = {s['method']: s for s in evidence.summarize(runs)}
+  t = summary['ttmpd']
+  assert t['n'] == 3 and t['distinct_architectures'] == 2
+  paired = t['ttmpd_minus_netadapt_pp']
+  assert paired['n'] == 2 and paired['mean'] == pytest.approx(-0.5)   # (+1 - 2) / 2 pp.
+  # Per-cell time ratios 0.4 and 0.3.
+  assert t['time_ratio_to_netadapt_mean'] == pytest.approx(0.35)
+  assert t['ttmpd_minus_eagleeye_pp']['n'] == 0
+  assert summary['netadapt']['time_ratio_to_netadapt_mean'] == pytest.approx(1.0)
+
+
+def test_summary_table_and_plot(tmp_path):
+  runs = [_row(m, d, s, 0.8 + 0.01 * s, 10.0 + s) for m in ('ttmpd', 'netadapt')
+          for d in ('d1', 'd2') for s in (0, 1)]
+  summary = evidence.summarize(runs)
+  header, rows = evidence.summary_table(summary)
+  assert len(rows) == 2 and len(rows[0]) == len(header)
+  assert '[' in rows[0][3]   # Accuracy with its interval.
+  path = evidence.plot_grid(summary, str(tmp_path / 'grid.png'))
+  assert os.path.getsize(path) > 1000

@@ -1,0 +1,214 @@
+"""The search as a library: strategies on constructed candidates, the accuracy model's
+calibration, the registry, the search state, and resume = load the state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttmpd_jax.search import judges, methods as methods_lib, registry
+from ttmpd_jax.search.config import ConfigError, SearchConfig
+from ttmpd_jax.search.loop import Proposal, choose
+from ttmpd_jax.search.proxy import AccuracyModel, spearman
+from ttmpd_jax.search.state import SearchState
+
+
+def _proposal(v1, v2, predicted_ms):
+  cands = [dataclasses.make_dataclass('C', ['predicted_ms'])(ms) for ms in predicted_ms]
+  return Proposal(cands, [{} for _ in cands], np.asarray(v1, float), np.asarray(v2, float),
+                  1.0, 0.0, (), None)
+
+
+def test_each_strategy_chooses_by_its_own_estimate():
+  # Equal savings; candidate 0 has the best v1, 1 the best KL, 2 the best real accuracy.
+  p = _proposal([0.9, 0.8, 0.7], [0.5, 0.1, 0.4], [8.0, 8.0, 8.0])
+  real = np.array([0.80, 0.82, 0.90])
+  assert choose(judges.Judge(), p, np.full(3, np.nan), 10.0)[0] == 0          # EagleEye: v1.
+  assert choose(judges.NetAdaptJudge(), p, real, 10.0)[0] == 2                 # Real accuracy.
+  kl_only = judges.TTMPDJudge(model=AccuracyModel(np.array([0.0, 0.0, -1.0]), True))
+  assert choose(kl_only, p, np.full(3, np.nan), 10.0)[0] == 1                  # Fitted Â.
+  # Accuracy lost per ms saved: a bigger saving can beat a smaller loss.
+  p = _proposal([0.9, 0.8], [0.0, 0.0], [9.0, 5.0])
+  assert choose(judges.Judge(), p, np.full(2, np.nan), 10.0)[0] == 1
+
+
+def test_ttmpd_calibrates_at_spread_progress_levels():
+  judge = judges.TTMPDJudge(calibration_iterations=3)
+  v = np.array([0.5, 0.6, 0.7, 0.8])
+  assert judge.to_finetune(1, 0.0, v, v) == [0, 1, 2, 3]
+  judge.learn(1, v, 1 - v, v + 0.01)
+  assert judge.to_finetune(2, 0.1, v, v) == []           # Below the next level (1/3).
+  assert judge.to_finetune(5, 0.4, v, v) == [0, 1, 2, 3]
+  judge.learn(5, v, 1 - v, v)
+  assert judge.out_of_sample and judge.out_of_sample[0]['ttmpd'] == pytest.approx(1.0)
+  judge.learn(9, v, 1 - v, v)
+  assert judge.to_finetune(12, 0.99, v, v) == []         # Three levels done.
+  restored = judges.TTMPDJudge(3)
+  restored.load_json(json.loads(json.dumps(judge.to_json())))
+  np.testing.assert_allclose(restored.model.coef, judge.model.coef)
+  assert restored.levels_done == 3
+
+
+def test_calibration_fits_within_iteration_ranking():
+  # Iterations differ by an offset (damage level) that says nothing about ranking inside one.
+  rng = np.random.default_rng(0)
+  v1, v2, acc, it = [], [], [], []
+  for k, offset in enumerate([0.0, -0.2, -0.4]):
+    a, b = rng.uniform(0.5, 0.9, 6), rng.uniform(0.1, 1.0, 6)
+    v1 += list(a + offset)
+    v2 += list(b)
+    acc += list(0.5 * a - 0.2 * b + 3 * offset + 0.005 * rng.standard_normal(6))
+    it += [k] * 6
+  model = AccuracyModel.fit(v1, v2, acc, groups=it)
+  assert model.coef[1] > 0 and model.coef[2] < 0 and model.form in ('nnls', 'equal')
+  rho = judges.within_iteration_spearman(
+      [{'iteration': i, 'v1': a, 'v2': b, 'real': c} for i, a, b, c in zip(it, v1, v2, acc)],
+      model)
+  assert rho['n_iterations'] == 3 and rho['ttmpd'] >= max(rho['v1'], rho['v2'])
+  assert rho['ttmpd'] > 0.9
+
+
+def test_calibration_keeps_one_variable_when_the_other_is_noise():
+  rng = np.random.default_rng(1)
+  v1, v2 = rng.uniform(0.5, 0.9, 18), rng.uniform(0.1, 1.0, 18)
+  model = AccuracyModel.fit(v1, v2, v1 + 0.001 * rng.standard_normal(18),
+                            groups=np.repeat([0, 1, 2], 6))
+  assert model.form in ('v1', 'nnls')
+  assert spearman(model.predict(v1, v2), v1) > 0.95
+
+
+def test_registry_lists_valid_names_and_refuses_duplicates():
+  assert set(methods_lib.METHODS.names()) == {'ttmpd', 'netadapt', 'eagleeye', 'halp', 'uniform',
+                                             'teacher', 'teacher_bn'}
+  with pytest.raises(ConfigError, match='method: unknown method .magic.; valid: ttmpd'):
+    methods_lib.METHODS.get('magic')
+  reg = registry.Registry('thing', 'thing')
+  reg.register('a')(1)
+  with pytest.raises(ValueError):
+    reg.register('a')(2)
+
+
+def test_adding_a_method_is_one_registration():
+  class Greedy(judges.Judge):
+    def estimate(self, v1, v2, real, v1_cur, v2_cur):
+      return -np.asarray(v2), 0.0
+  methods_lib.METHODS.register('test_greedy_kl')(methods_lib.IterativeMethod(lambda c: Greedy()))
+  try:
+    assert isinstance(methods_lib.METHODS.get('test_greedy_kl'), methods_lib.IterativeMethod)
+  finally:
+    methods_lib.METHODS._items.pop('test_greedy_kl')
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ConfigError) as e:
+    SearchConfig(latency_target=1.5)
+  assert e.value.field == 'latency_target'
+  with pytest.raises(ConfigError, match='importance: unknown importance criterion'):
+    SearchConfig(importance='magic')
+  config = SearchConfig(round_to=8)
+  assert SearchConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+
+
+def test_search_state_round_trip():
+  state = SearchState('ttmpd', 10.0, 5.0, iteration=3, status='reached',
+                      trajectory=[{'iteration': 1, 'widths': {'a': 4}}],
+                      judge=judges.TTMPDJudge().to_json())
+  again = SearchState.from_json(json.loads(json.dumps(state.to_json())))
+  assert again == state
+
+
+class _Net(nn.Module):
+  """A user model outside the zoo: conv stem, a residual block, a second stage, a classifier."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    bn = lambda: nn.BatchNorm(use_running_average=not train)
+    x = nn.relu(bn()(nn.Conv(16, (3, 3))(x)))
+    y = nn.relu(bn()(nn.Conv(16, (3, 3))(x)))
+    x = nn.relu(x + bn()(nn.Conv(16, (3, 3))(y)))
+    x = nn.relu(bn()(nn.Conv(24, (3, 3), strides=2)(x)))
+    return nn.Dense(4)(x.mean(axis=(1, 2)))
+
+
+@dataclasses.dataclass
+class _LinearLatency:
+  """A deterministic stand-in latency model: 0.1 ms per output channel of every layer."""
+
+  full: dict
+
+  def predict(self, widths=None):
+    merged = {**self.full, **(widths or {})}
+    return 0.1 * sum(merged.values())
+
+
+def _problem(config):
+  from ttmpd_jax.models.common import widths_from_variables
+  from ttmpd_jax.search.problem import prepare, unlabeled_dataset
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((96, 8, 8, 1)).astype(np.float32)
+  model = _Net()
+  variables = model.init(jax.random.key(0), jnp.asarray(images[:1]))
+  latency = _LinearLatency(widths_from_variables(variables))
+  return prepare(model, variables, unlabeled_dataset(images), config, latency=latency,
+                 latency_batch=8, log=lambda s: None)
+
+
+_CONFIG = SearchConfig(latency_target=0.6, r0=0.1, round_to=2, max_iterations=3,
+                       finetune_fraction=64, bn_batches=1, bn_batch_size=16,
+                       short_term_steps=2, long_term_steps=0, batch_size=16, measure_rounds=0,
+                       calibration_iterations=2)
+
+
+@pytest.fixture(scope='module')
+def searched():
+  problem = _problem(_CONFIG)
+  return problem, methods_lib.METHODS.get('ttmpd').prune(problem, _CONFIG, name='ttmpd',
+                                                         log=lambda s: None)
+
+
+def test_search_result_obeys_masked_equals_removed(searched):
+  from ttmpd_jax import pruning
+  problem, full = searched
+  teacher = jax.device_get(problem.teacher_variables)
+  x = problem.data.heldout_images[:8]
+  groups = pruning.discover_groups(problem.model.model, teacher, x[:1])
+  assert full.masks and all(m.sum() < m.size for m in full.masks.values())
+  embedded = pruning.embed_channels(full.variables, teacher, groups, full.masks)
+  masked = pruning.apply_masks(embedded, full.masks, groups)
+  np.testing.assert_allclose(problem.model.model.apply(masked, x),
+                             problem.model.apply(full.variables, x), atol=1e-4)
+  assert len(full.details['trajectory']) == 3 and full.compilations
+  assert max(full.compilations) <= 3     # Evaluator, KD step, importance: not per candidate.
+
+
+def test_resume_equals_uninterrupted(tmp_path, searched):
+  from ttmpd_jax.search.state import IterationStore
+  problem, full = searched
+  method = methods_lib.METHODS.get('ttmpd')
+
+  class Killed(Exception):
+    pass
+
+  def killer(line):
+    if 'iter 3:' in line:
+      raise Killed
+  store = IterationStore(str(tmp_path))
+  with pytest.raises(Killed):
+    method.prune(problem, _CONFIG, name='ttmpd', store=store, log=killer)
+  store.close()
+  store = IterationStore(str(tmp_path))
+  lines = []
+  resumed = method.prune(problem, _CONFIG, name='ttmpd', store=store, log=lines.append)
+  store.close()
+  assert any('resuming after iteration 2' in l for l in lines), lines
+  assert resumed.details['resumed_from'] == 2
+  assert [t['widths'] for t in resumed.details['trajectory']] == \
+      [t['widths'] for t in full.details['trajectory']]
+  for a, b in zip(jax.tree.leaves(resumed.variables), jax.tree.leaves(full.variables)):
+    np.testing.assert_allclose(a, b, atol=1e-6)

@@ -1,0 +1,58 @@
+"""Candidates over the mesh: a candidate batch evaluated across 8 (forced CPU) devices equals the
+sequential evaluation on one device, and compiles once whatever the number of candidates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent('''
+    import jax, numpy as np, flax.linen as nn
+    from ttmpd_jax import parallel, pruning
+    from ttmpd_jax.latency.compilations import CompilationCounter
+    from ttmpd_jax.search.evaluation import SearchData, make_candidate_evaluator
+
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x, train=False):
+        bn = lambda: nn.BatchNorm(use_running_average=not train)
+        x = nn.relu(bn()(nn.Conv(16, (3, 3))(x)))
+        x = nn.relu(x + bn()(nn.Conv(16, (3, 3))(x)))
+        x = nn.relu(bn()(nn.Conv(24, (3, 3), strides=2)(x)))
+        return nn.Dense(4)(x.mean(axis=(1, 2)))
+
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    img = lambda *s: rng.standard_normal(s).astype(np.float32)
+    model = Net()
+    variables = jax.device_get(model.init(jax.random.key(0), img(1, 8, 8, 1)))
+    data = SearchData(img(32, 8, 8, 1), img(32, 4), img(24, 8, 8, 1), img(24, 4),
+                      img(2, 16, 8, 8, 1))
+    groups = pruning.discover_groups(model, variables, img(1, 8, 8, 1))
+    masks = [pruning.random_masks(i, groups) for i in range(11)]
+    masks = [jax.tree.map(np.asarray, m) for m in masks]
+    wide = make_candidate_evaluator(model, groups, data, parallel.make_mesh())
+    one = make_candidate_evaluator(model, groups, data, parallel.make_mesh(1))
+    sequential = np.array([one(variables, m) for m in masks])
+    with CompilationCounter() as c3:
+      wide.many(variables, masks[:3])
+    with CompilationCounter() as c11:
+      batched = wide.many(variables, masks)
+    np.testing.assert_allclose(batched, sequential, atol=1e-5)
+    print('COMPILES', c3.count, c11.count)
+''')
+
+
+def test_candidate_batch_over_8_devices_equals_sequential():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, '-c', SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith('COMPILES')][0]
+  first, second = map(int, line.split()[1:])
+  assert first >= 1 and second == 0, line   # 11 candidates reuse the 3-candidate compilation.

@@ -1,0 +1,166 @@
+"""How an iterative method judges its candidates: the only thing TT-MPD, NetAdapt and EagleEye
+do differently (``loop.py`` is shared).
+
+A judge answers three questions per iteration (see ``docs/method.md``):
+
+* ``to_finetune``: which candidates get a short-term KD fine-tuning (costly, real accuracy);
+* ``estimate``: each candidate's accuracy (and the current network's), from the two cheap
+  variables ``v1`` (agreement with the cached pseudo labels after adaptive BN) and ``v2`` (KL
+  to the teacher's soft labels) and from real accuracies where known;
+* ``learn``: what it takes from fine-tuned candidates (TT-MPD refits its accuracy model).
+
+A judge's state is JSON (``to_json`` / ``from_json``), part of the resumable search state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ttmpd_jax.search.config import SearchConfig
+from ttmpd_jax.search.proxy import AccuracyModel, spearman
+
+
+@dataclasses.dataclass
+class Judge:
+  """Base judge: EagleEye's single variable, no fine-tuned candidates."""
+
+  def to_finetune(self, iteration: int, progress: float, v1: np.ndarray,
+                  v2: np.ndarray) -> list[int]:
+    """Indices of candidates to fine-tune; ``progress`` = latency removed / latency to remove."""
+    del iteration, progress, v1, v2
+    return []
+
+  def estimate(self, v1: np.ndarray, v2: np.ndarray, real: np.ndarray, v1_cur: float,
+               v2_cur: float) -> tuple[np.ndarray, float]:
+    del v2, real, v2_cur
+    return np.asarray(v1, float), float(v1_cur)
+
+  def learn(self, iteration: int, v1: np.ndarray, v2: np.ndarray,
+            real: np.ndarray) -> Optional[str]:
+    """Takes the fine-tuned candidates' real accuracies (NaN where not fine-tuned)."""
+    del iteration, v1, v2, real
+    return None
+
+  def to_json(self) -> dict[str, Any]:
+    return {}
+
+  def load_json(self, data: dict[str, Any]) -> None:
+    del data
+
+
+@dataclasses.dataclass
+class NetAdaptJudge(Judge):
+  """Fine-tunes every candidate and judges it by its real short-term accuracy."""
+
+  def to_finetune(self, iteration, progress, v1, v2):
+    return list(range(len(v1)))
+
+  def estimate(self, v1, v2, real, v1_cur, v2_cur):
+    return np.asarray(real, float), float(v1_cur)
+
+
+@dataclasses.dataclass
+class TTMPDJudge(Judge):
+  """Â = f(v1, v2), fitted on candidates fine-tuned at a few points spread over the run.
+
+  Design choices (measured in ``docs/method.md``):
+
+  * *When to calibrate*: at the first iteration whose progress towards the latency target
+    passes each of ``calibration_iterations`` evenly spaced levels (0, 1/n, 2/n, ...): the fit
+    sees lightly and heavily pruned networks, not only first-iteration look-alikes.
+  * *What is fitted*: only the *direction* of Â matters for selection (the intercept cancels in
+    Â_current − Â_g and a positive scale does not change the argmin), so the model is fitted on
+    within-iteration deviations (``proxy.AccuracyModel``).
+  * ``calibration_candidates`` > 0 fine-tunes only that many candidates per calibration
+    iteration, spread over the range of v1.
+  """
+
+  calibration_iterations: int = 3
+  calibration_candidates: int = 0
+  model: AccuracyModel = dataclasses.field(default_factory=AccuracyModel)
+  points: list[list[float]] = dataclasses.field(default_factory=list)   # [iteration, v1, v2, real]
+  levels_done: int = 0
+  out_of_sample: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+  @classmethod
+  def create(cls, config: SearchConfig) -> 'TTMPDJudge':
+    return cls(config.calibration_iterations, config.calibration_candidates)
+
+  def _calibrating(self, progress: float) -> bool:
+    n = self.calibration_iterations
+    return self.levels_done < n and progress >= self.levels_done / max(n, 1) - 1e-9
+
+  def to_finetune(self, iteration, progress, v1, v2):
+    if not self._calibrating(progress):
+      return []
+    order = list(np.argsort(v1))
+    count = self.calibration_candidates
+    if count <= 0 or count >= len(order):
+      return order
+    picks = np.linspace(0, len(order) - 1, count).round().astype(int)
+    return sorted({order[i] for i in picks})
+
+  def estimate(self, v1, v2, real, v1_cur, v2_cur):
+    if len(real) and not np.isnan(real).any():   # A calibration iteration fine-tuned them all.
+      return np.asarray(real, float), float(v1_cur)
+    return self.model.predict(v1, v2), float(self.model.predict([v1_cur], [v2_cur])[0])
+
+  def learn(self, iteration, v1, v2, real):
+    known = ~np.isnan(real)
+    if not known.any():
+      return None
+    if self.model.fitted and known.sum() >= 3:   # Out of sample: fitted before this iteration.
+      self.out_of_sample.append({'iteration': iteration, 'ttmpd': spearman(
+          self.model.predict(v1[known], v2[known]), real[known])})
+    self.points += [[iteration, float(a), float(b), float(c)]
+                    for a, b, c in zip(v1[known], v2[known], real[known])]
+    self.levels_done += 1
+    p = np.asarray(self.points)
+    self.model = AccuracyModel.fit(p[:, 1], p[:, 2], p[:, 3], groups=p[:, 0])
+    return f'fitted {self.model.describe()} on {len(p)} fine-tuned candidates'
+
+  def to_json(self):
+    return {'model': self.model.to_json(), 'points': self.points, 'levels_done': self.levels_done,
+            'out_of_sample': self.out_of_sample,
+            'calibration_iterations': self.calibration_iterations,
+            'calibration_candidates': self.calibration_candidates}
+
+  def load_json(self, data):
+    self.model = AccuracyModel.from_json(data['model'])
+    self.points = [list(p) for p in data['points']]
+    self.levels_done = int(data['levels_done'])
+    self.out_of_sample = list(data.get('out_of_sample', []))
+
+
+def within_iteration_spearman(candidates: Sequence[dict[str, Any]],
+                              model: Optional[AccuracyModel] = None) -> dict[str, Any]:
+  """Median over iterations of the within-iteration Spearman with the real accuracies.
+
+  ``candidates`` are candidate log rows (``iteration``, ``v1``, ``v2``, ``real``); iterations with
+  fewer than 3 fine-tuned candidates are skipped. Reports ``v1``, ``v2`` (as −KL: higher = better)
+  and, with ``model``, ``ttmpd`` (its Â), plus ``n_iterations``.
+  """
+  by_iteration: dict[int, list[dict[str, Any]]] = {}
+  for c in candidates:
+    if c.get('real') is not None:
+      by_iteration.setdefault(int(c['iteration']), []).append(c)
+  rhos: dict[str, list[float]] = {'v1': [], 'v2': [], 'ttmpd': []}
+  for rows in by_iteration.values():
+    if len(rows) < 3:
+      continue
+    v1 = np.array([r['v1'] for r in rows])
+    v2 = np.array([r['v2'] for r in rows])
+    real = np.array([r['real'] for r in rows])
+    rhos['v1'].append(spearman(v1, real))
+    rhos['v2'].append(spearman(-v2, real))
+    if model is not None:
+      rhos['ttmpd'].append(spearman(model.predict(v1, v2), real))
+  out: dict[str, Any] = {'n_iterations': len(rhos['v1'])}
+  for key, values in rhos.items():
+    values = [v for v in values if not np.isnan(v)]
+    if key != 'ttmpd' or model is not None:
+      out[key] = float(np.median(values)) if values else None
+  return out

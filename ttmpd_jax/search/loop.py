@@ -1,0 +1,210 @@
+"""The iterative, latency-constrained pruning loop shared by TT-MPD, NetAdapt and EagleEye.
+
+``search_step(run, state, variables)`` is one NetAdapt-style iteration (``docs/method.md``):
+
+1. *propose*: one candidate per channel group, sized by the latency model to save this
+   iteration's share, evaluated **with masks** (same shapes as the current network, so one
+   compiled evaluator serves every candidate) → ``v1``, ``v2`` per candidate;
+2. *fine-tune* the candidates the judge asks for (one compiled masked KD step serves them all);
+3. *choose* the candidate losing the least estimated accuracy per millisecond saved;
+4. *commit*: short-term fine-tune the chosen one (masked), then remove its channels for real.
+
+What differs between methods is the :class:`~ttmpd_jax.search.judges.Judge`. The state is a
+:class:`~ttmpd_jax.search.state.SearchState`; the caller owns the loop (``methods.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from ttmpd_jax.latency.compilations import CompilationCounter
+from ttmpd_jax.models.common import widths_from_variables
+from ttmpd_jax.pruning.graph import discover_groups
+from ttmpd_jax.pruning.masks import masks_remove_lowest
+from ttmpd_jax.pruning.surgery import remove_channels
+from ttmpd_jax.search import state as state_lib
+from ttmpd_jax.search.candidates import Candidate, make_candidates, selection_score
+from ttmpd_jax.search.config import SearchConfig
+from ttmpd_jax.search.evaluation import KDRunner, make_candidate_evaluator
+from ttmpd_jax.search.judges import Judge
+from ttmpd_jax.search.problem import Problem
+from ttmpd_jax.search.scoring import make_scorer
+from ttmpd_jax.search.state import SearchState
+
+
+@dataclasses.dataclass
+class Run:
+  """The fixed context of one search: problem, budgets, judge, logging."""
+
+  problem: Problem
+  config: SearchConfig
+  judge: Judge
+  log: Callable[[str], None] = print
+
+  @property
+  def online_teacher(self) -> Optional[tuple[Any, Any]]:
+    return self.problem.teacher if self.config.kd == 'online' else None
+
+
+@dataclasses.dataclass
+class Proposal:
+  """One iteration's candidates, their masks over the current network and their variables."""
+
+  candidates: list[Candidate]
+  masks: list[dict[str, np.ndarray]]
+  v1: np.ndarray
+  v2: np.ndarray
+  v1_current: float
+  v2_current: float
+  groups: tuple
+  evaluate: Callable
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, float], key: str):
+  start = time.time()
+  try:
+    yield
+  finally:
+    times[key] = times.get(key, 0.0) + time.time() - start
+
+
+def example_input(problem: Problem) -> np.ndarray:
+  return np.zeros((1, *problem.image_shape), np.float32)
+
+
+def requested_saving(config: SearchConfig, state: SearchState, k: int, current_ms: float) -> float:
+  """ΔL_k = r0 · L0 · decay^(k−1), never past the target."""
+  return min(config.r0 * state.l0_ms * config.decay ** (k - 1), current_ms - state.target_ms)
+
+
+def propose(run: Run, variables: Any, k: int, delta_ms: float) -> Optional[Proposal]:
+  """Candidates of iteration ``k`` and their two variables, or ``None`` when none can progress."""
+  problem, config = run.problem, run.config
+  model = problem.model
+  groups = tuple(discover_groups(model, variables, example_input(problem)))
+  widths = widths_from_variables(variables)
+  cands = make_candidates(groups, widths, problem.latency.predict, delta_ms, config.round_to)
+  if not cands:
+    return None
+  scores = make_scorer(config.importance, model, groups, problem.data,
+                       seed=config.seed + k)(variables)
+  masks = [masks_remove_lowest(scores, groups, {c.group: c.removed}) for c in cands]
+  evaluate = make_candidate_evaluator(model, groups, problem.data)
+  v = evaluate.many(variables, [{}] + masks)   # The current network first (no mask).
+  return Proposal(cands, masks, v[1:, 0], v[1:, 1], float(v[0, 0]), float(v[0, 1]), groups,
+                  evaluate)
+
+
+def kd_runner(run: Run, groups: tuple, k: int) -> Optional[KDRunner]:
+  """One compiled masked KD step per iteration: serves every candidate and the chosen one."""
+  config = run.config
+  if config.short_term_steps <= 0:
+    return None
+  return KDRunner(run.problem.model, groups, run.problem.data, learning_rate=config.short_term_lr,
+                  steps=config.short_term_steps, batch_size=config.batch_size,
+                  temperature=config.temperature, hard_weight=config.hard_weight,
+                  seed=config.seed + k, online_teacher=run.online_teacher)
+
+
+def finetune_candidates(run: Run, runner: Optional[KDRunner], variables: Any, p: Proposal,
+                        which: list[int]) -> tuple[dict[int, Any], np.ndarray]:
+  """Short-term KD of candidates ``which``; their real (held-out, pseudo-label) accuracies."""
+  finetuned: dict[int, Any] = {}
+  real = np.full(len(p.candidates), np.nan)
+  if runner is None:
+    return finetuned, real
+  for i in which:
+    finetuned[i] = runner.run(variables, p.masks[i], run.config.short_term_steps)
+    real[i] = p.evaluate(finetuned[i], p.masks[i])[0]
+  return finetuned, real
+
+
+def choose(judge: Judge, p: Proposal, real: np.ndarray,
+           current_ms: float) -> tuple[int, np.ndarray]:
+  """The candidate minimising (Â_current − Â_g) / (L_current − L_g); all estimates."""
+  accuracy, accuracy_cur = judge.estimate(p.v1, p.v2, real, p.v1_current, p.v2_current)
+  predicted = np.array([c.predicted_ms for c in p.candidates])
+  criterion = selection_score(accuracy_cur, accuracy, current_ms, predicted)
+  return int(np.nanargmin(criterion)), accuracy
+
+
+def commit(run: Run, runner: Optional[KDRunner], variables: Any, p: Proposal, best: int,
+           finetuned: dict[int, Any]) -> Any:
+  """Fine-tunes the chosen candidate (masked; equal to pruned by the masking law), removes it."""
+  source = finetuned.get(best)
+  if source is None:
+    source = variables if runner is None else runner.run(variables, p.masks[best],
+                                                         run.config.short_term_steps)
+  # Host numpy arrays: no eager device gathers, so no compilations.
+  return remove_channels(jax.device_get(source), p.groups, p.masks[best])
+
+
+def search_step(run: Run, state: SearchState, variables: Any) -> tuple[SearchState, Any]:
+  """One iteration; returns the new state and (physically pruned) variables."""
+  problem, k = run.problem, state.iteration + 1
+  current_ms = problem.latency.predict(widths_from_variables(variables))
+  if current_ms <= state.target_ms * (1 + 1e-9):
+    state.status = state_lib.REACHED
+    return state, variables
+  counter, times = CompilationCounter(), state.times
+  start = time.time()
+  with counter:
+    with _timed(times, 'search'):
+      delta = requested_saving(run.config, state, k, current_ms)
+      p = propose(run, variables, k, delta)
+    if p is None:
+      state.status = state_lib.STUCK
+      state.message = (f'latency target unreachable: no channel group can save a tenth of the '
+                       f'requested {delta:.2f} ms any more; stopping at {current_ms:.2f} ms '
+                       f'predicted = {current_ms / state.l0_ms:.3f} of the teacher')
+      return state, variables
+    runner = kd_runner(run, p.groups, k)
+    progress = (state.l0_ms - current_ms) / max(state.l0_ms - state.target_ms, 1e-9)
+    with _timed(times, 'short_term_ft'):
+      finetuned, real = finetune_candidates(
+          run, runner, variables, p, run.judge.to_finetune(k, progress, p.v1, p.v2))
+    with _timed(times, 'search'):
+      note = run.judge.learn(k, p.v1, p.v2, real)
+      best, accuracy = choose(run.judge, p, real, current_ms)
+    with _timed(times, 'short_term_ft' if best not in finetuned else 'search'):
+      variables = commit(run, runner, variables, p, best, finetuned)
+  if note:
+    run.log(f'[{state.method}] {note}')
+  state.keep(p.masks[best])
+  record(run, state, k, p, real, accuracy, best, current_ms, variables, counter.count,
+         time.time() - start)
+  return state, variables
+
+
+def record(run: Run, state: SearchState, k: int, p: Proposal, real: np.ndarray,
+           accuracy: np.ndarray, best: int, current_ms: float, variables: Any,
+           compilations: int, seconds: float) -> None:
+  """Appends iteration ``k`` to the state's logs and prints its progress line."""
+  chosen = p.candidates[best]
+  for i, c in enumerate(p.candidates):
+    state.candidates.append({
+        'iteration': k, 'group': c.group, 'removed': c.removed, 'predicted_ms': c.predicted_ms,
+        'v1': float(p.v1[i]), 'v2': float(p.v2[i]), 'accuracy_hat': float(accuracy[i]),
+        'real': None if np.isnan(real[i]) else float(real[i]), 'chosen': i == best})
+  widths = widths_from_variables(variables)
+  new_ms = run.problem.latency.predict(widths)
+  elapsed = (state.trajectory[-1]['elapsed_s'] if state.trajectory else 0.0) + seconds
+  state.iteration, state.judge = k, run.judge.to_json()
+  state.compilations.append(compilations)
+  state.trajectory.append({
+      'iteration': k, 'predicted_ms': new_ms, 'latency_ratio_predicted': new_ms / state.l0_ms,
+      'group': chosen.group, 'removed': chosen.removed, 'kept': chosen.size - chosen.removed,
+      'score': float(accuracy[best]), 'v1': float(p.v1[best]), 'elapsed_s': elapsed,
+      'compilations': compilations, 'widths': widths})
+  eta = elapsed * max(new_ms - state.target_ms, 0.0) / max(state.l0_ms - new_ms, 1e-9)
+  run.log(f'[{state.method}] iter {k}: {current_ms:.2f} -> {new_ms:.2f} ms predicted (target '
+          f'{state.target_ms:.2f}); pruned {chosen.removed}/{chosen.size} of {chosen.group}; '
+          f'A={accuracy[best]:.4f} v1={p.v1[best]:.4f}; {compilations} compilations; elapsed '
+          f'{elapsed:.0f}s ETA {eta:.0f}s')

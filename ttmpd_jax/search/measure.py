@@ -1,0 +1,81 @@
+"""Measuring a pruned network against its teacher, and meeting the target *as measured*.
+
+The latency model predicts; the target is judged on measurements. A :class:`Measurement` is the
+teacher and the network timed together (interleaved calls, ``latency.protocol``), so background
+load hits both alike and their *ratio* is robust where raw milliseconds are not. A measurement is
+*unreliable* when the host is busy (load average above half its cores) or when the repeats
+spread widely (interquartile range above ``max_spread`` of the median); it is then repeated up
+to ``attempts`` times and, if still unreliable, kept but flagged (and said loudly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+from ttmpd_jax.latency import protocol
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  teacher_ms: float
+  model_ms: float
+  spread: float                 # Largest relative IQR of the two timings.
+  load: Optional[float]         # 1-minute load average per core when measured.
+  reliable: bool
+
+  @property
+  def ratio(self) -> float:
+    return self.model_ms / self.teacher_ms
+
+  def to_json(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), 'ratio': self.ratio}
+
+
+def load_per_core() -> Optional[float]:
+  try:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return round(os.getloadavg()[0] / max(cores or 1, 1), 2)
+  except (AttributeError, OSError):
+    return None
+
+
+def measure_against_teacher(teacher: tuple[Any, Any], model: tuple[Any, Any], batch: int,
+                            image_shape: tuple[int, ...], *, repeats: int = 15,
+                            attempts: int = 3, max_spread: float = 0.1, max_load: float = 0.5,
+                            log: Log = print) -> Measurement:
+  """Teacher and ``model`` (each ``(module, variables)``) timed together at ``batch``."""
+  result = None
+  for attempt in range(attempts):
+    load = load_per_core()
+    t, m = protocol.measure_models([teacher, model], (batch, *image_shape), repeats=repeats,
+                                   warmup=2)
+    spread = max(t.relative_spread, m.relative_spread)
+    reliable = spread <= max_spread and (load is None or load <= max_load)
+    result = Measurement(t.median_ms, m.median_ms, spread, load, reliable)
+    if reliable:
+      return result
+    log(f'  latency measurement {attempt + 1}/{attempts} unreliable (load {load} per core, '
+        f'spread {100 * spread:.0f}%): measuring again')
+  log(f'  WARNING: latency measured on a busy machine (load {result.load} per core, spread '
+      f'{100 * result.spread:.0f}%); ratio {result.ratio:.3f} is flagged unreliable')
+  return result
+
+
+def within(ratio: float, target: float, tolerance: float) -> bool:
+  return target * (1 - tolerance) <= ratio <= target * (1 + tolerance)
+
+
+def corrected_target_ms(measured: Measurement, predicted_ms: float, l0_ms: float,
+                        target: float) -> float:
+  """The predicted-ms target that, at the local measured/predicted ratio, meets ``target``.
+
+  Design choice: a multiplicative correction, ``c = measured ratio / predicted ratio`` at the
+  network just measured; the search then aims at ``target / c`` of the predicted teacher latency.
+  Local (it uses the latest measurement only), so it tracks where the predictor is wrong now.
+  """
+  c = measured.ratio / max(predicted_ms / l0_ms, 1e-9)
+  return target / max(c, 1e-9) * l0_ms

@@ -1,0 +1,302 @@
+"""TT-MPD and the baselines as registered strategies (``METHODS``).
+
+Three kinds, one interface — ``method.prune(problem, config, name=..., store=..., log=...)``
+returns a :class:`Pruned` network (before long-term fine-tuning):
+
+* :class:`IterativeMethod` — the shared loop (``loop.py``) with a judge: ``ttmpd``,
+  ``netadapt``, ``eagleeye``;
+* :class:`OneShotMethod` — an allocator picks a whole architecture at once: ``halp``, ``uniform``;
+* :class:`Reference` — no pruning: ``teacher``, ``teacher_bn``.
+
+Every pruning method ends the same way: the network reaching the *predicted* target is measured
+against the teacher, and while the measured ratio misses ``latency_target ± latency_tolerance``
+the predicted target is corrected from the measurement and the method continues (or steps back)
+— at most ``measure_rounds`` times. Adding a method = one class (or one judge/allocator) and one
+``METHODS.register`` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from ttmpd_jax.distill import bn_adapt
+from ttmpd_jax.latency.compilations import CompilationCounter
+from ttmpd_jax.models.common import widths_from_variables
+from ttmpd_jax.pruning.graph import discover_groups
+from ttmpd_jax.pruning.surgery import remove_channels
+from ttmpd_jax.search import judges, measure, oneshot, state as state_lib
+from ttmpd_jax.search.candidates import width_keys
+from ttmpd_jax.search.config import SearchConfig
+from ttmpd_jax.search.loop import Run, example_input, search_step
+from ttmpd_jax.search.problem import Problem
+from ttmpd_jax.search.registry import Registry
+from ttmpd_jax.search.scoring import make_scorer
+from ttmpd_jax.search.state import IterationStore, SearchState
+
+Log = Callable[[str], None]
+METHODS: Registry = Registry('method', 'method')
+
+
+@dataclasses.dataclass
+class Pruned:
+  """A method's network before long-term fine-tuning, with how it got there."""
+
+  variables: Any
+  times: dict[str, float]
+  compilations: list[int]
+  reached_target: bool
+  message: str
+  measurements: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  details: dict[str, Any] = dataclasses.field(default_factory=dict)   # Method-specific.
+  snapshots: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
+  masks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # Over the teacher.
+
+
+def measure_network(problem: Problem, variables: Any, log: Log) -> measure.Measurement:
+  return measure.measure_against_teacher(problem.teacher, (problem.model, variables),
+                                         problem.latency_batch, problem.image_shape, log=log)
+
+
+def _measurement_row(m: measure.Measurement, predicted_ms: float, l0_ms: float,
+                     **extra: Any) -> dict[str, Any]:
+  return {**m.to_json(), 'predicted_ratio': predicted_ms / l0_ms, **extra}
+
+
+def variables_of_widths(problem: Problem, widths: dict[str, int]) -> Any:
+  """The teacher's variables cut to ``widths`` (first channels kept): shapes for restoring."""
+  teacher = jax.device_get(problem.teacher_variables)
+  groups = discover_groups(problem.model, teacher, example_input(problem))
+  masks = {}
+  for g in groups:
+    keys = [k for k in width_keys(g) if k in widths]
+    if g.prunable and keys:
+      masks[g.name] = np.arange(g.size) < widths[keys[0]]
+  return remove_channels(teacher, groups, masks) if masks else teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class IterativeMethod:
+  """The shared iterative loop; ``judge`` builds the candidate-judging strategy from a config."""
+
+  judge: Callable[[SearchConfig], judges.Judge]
+  prunes: bool = True
+
+  def prune(self, problem: Problem, config: SearchConfig, *, name: str,
+            store: Optional[IterationStore] = None, log: Log = print) -> Pruned:
+    run = Run(problem, config, self.judge(config), log)
+    state, variables, resumed = self._start(run, name, store)
+    snapshots = {state.iteration: (variables, dict(state.kept))}
+    while state.status != state_lib.DONE:
+      while state.status == state_lib.SEARCHING and state.iteration < config.max_iterations:
+        state, variables = search_step(run, state, variables)
+        snapshots[state.iteration] = (variables, dict(state.kept))
+        if store is not None:
+          store.save(state, variables)
+      variables = self._settle(run, state, variables, snapshots)
+      if store is not None:
+        store.save(state, variables)
+    reached = state.met_target if state.measurements else (
+        problem.latency.predict(widths_from_variables(variables)) <= state.target_ms * 1.000001)
+    details = {'trajectory': state.trajectory, 'candidates': state.candidates,
+               'judge': state.judge, 'resumed_from': resumed}
+    sizes = {g.name: g.size for g in discover_groups(
+        problem.model, jax.device_get(problem.teacher_variables), example_input(problem))}
+    masks = {name: np.isin(np.arange(sizes[name]), ids) for name, ids in state.kept.items()}
+    return Pruned(variables, state.times, state.compilations, reached,
+                  state.message or 'latency target reached', state.measurements, details,
+                  [(k, v) for k, (v, _) in sorted(snapshots.items())], masks)
+
+  def _start(self, run: Run, name: str, store: Optional[IterationStore]):
+    problem = run.problem
+    variables = jax.device_get(problem.teacher_variables)
+    l0 = problem.latency.predict(widths_from_variables(variables))
+    state = SearchState(name, l0, run.config.latency_target * l0)
+    if store is not None:
+      restored = store.latest(lambda widths: variables_of_widths(problem, widths))
+      if restored is not None:
+        state, variables = restored
+        if state.judge:
+          run.judge.load_json(state.judge)
+        run.log(f'[{name}] resuming after iteration {state.iteration} ({state.status})')
+        return state, variables, state.iteration
+    return state, variables, None
+
+  def _settle(self, run: Run, state: SearchState, variables: Any, snapshots: dict) -> Any:
+    """Measures the network; if it misses the band, moves the predicted target and continues.
+
+    Too slow: the predicted target is corrected by the local measured/predicted ratio and the
+    search goes on. Too fast: the trajectory is bisected *by measurement* for the last network
+    not too fast; inside the band it is taken, otherwise the search restarts from it aiming
+    between it and its successor (interpolated in predicted ms). A bracket already tried, or
+    ``measure_rounds`` settles, end the search (the report then says the target was missed).
+    """
+    config, problem = run.config, run.problem
+    predicted = problem.latency.predict(widths_from_variables(variables))
+    if state.status == state_lib.SEARCHING:   # max_iterations hit before the target.
+      state.message = (f'stopped after max_iterations={config.max_iterations} at {predicted:.2f} '
+                       f'ms predicted = {predicted / state.l0_ms:.3f} of the teacher')
+    if config.measure_rounds == 0 or len(state.stepped_back) + state.corrections >= \
+        config.measure_rounds + 1:
+      state.status = state_lib.DONE
+      return variables
+    ratio = _measure_into(run, state, variables, state.iteration)
+    if _within(config, ratio) or (ratio > _upper(config) and state.status != state_lib.REACHED):
+      return self._done(state, variables, _within(config, ratio), ratio)
+    if ratio > _upper(config):   # Too slow, target reached as predicted: aim lower.
+      state.corrections += 1
+      state.target_ms = predicted * config.latency_target / ratio
+      state.status = state_lib.SEARCHING
+      return variables
+    keys = sorted(snapshots)
+    lo, hi, ratios = 0, len(keys) - 1, {keys[0]: 1.0, keys[-1]: ratio}
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      ratios[keys[mid]] = _measure_into(run, state, snapshots[keys[mid]][0], keys[mid])
+      if _within(config, ratios[keys[mid]]):
+        variables, state.kept = snapshots[keys[mid]][0], dict(snapshots[keys[mid]][1])
+        run.log(f'[{state.method}] taking the network of iteration {keys[mid]}')
+        return self._done(state, variables, True, ratios[keys[mid]])
+      lo, hi = (lo, mid) if ratios[keys[mid]] < _lower(config) else (mid, hi)
+    back = keys[lo]
+    if back in state.stepped_back:   # Channel steps too coarse to land in the band.
+      return self._done(state, variables, False, ratio)
+    state.stepped_back.append(back)
+    p_lo, p_hi = (problem.latency.predict(widths_from_variables(snapshots[k][0]))
+                  for k in (keys[lo], keys[hi]))
+    share = (ratios[keys[lo]] - config.latency_target) / max(
+        ratios[keys[lo]] - ratios[keys[hi]], 1e-9)
+    state.target_ms = p_lo - share * (p_lo - p_hi)
+    variables, state.kept = snapshots[back][0], dict(snapshots[back][1])
+    run.log(f'[{state.method}] stepping back to the network of iteration {back}, aiming at '
+            f'{state.target_ms:.2f} ms predicted')
+    state.status = state_lib.SEARCHING
+    return variables
+
+  @staticmethod
+  def _done(state: SearchState, variables: Any, met: bool, ratio: float) -> Any:
+    state.status, state.met_target = state_lib.DONE, met
+    if not met and not state.message:
+      state.message = (f'measured latency {ratio:.3f} of the teacher is outside the target '
+                       f'band after {len(state.measurements)} measurements (channel steps or '
+                       f'the latency model too coarse to land in it)')
+    return variables
+
+
+def _lower(config: SearchConfig) -> float:
+  return config.latency_target * (1 - config.latency_tolerance)
+
+
+def _upper(config: SearchConfig) -> float:
+  return config.latency_target * (1 + config.latency_tolerance)
+
+
+def _within(config: SearchConfig, ratio: float) -> bool:
+  return _lower(config) <= ratio <= _upper(config)
+
+
+def _measure_into(run: Run, state: SearchState, variables: Any, iteration: int) -> float:
+  """Measures ``variables`` against the teacher; records and prints it; returns the ratio."""
+  config, problem = run.config, run.problem
+  start = time.time()
+  m = measure_network(problem, variables, run.log)
+  state.times['measure'] = state.times.get('measure', 0.0) + time.time() - start
+  predicted = problem.latency.predict(widths_from_variables(variables))
+  met = _within(config, m.ratio)
+  state.measurements.append(_measurement_row(m, predicted, state.l0_ms, met_target=met,
+                                             iteration=iteration))
+  run.log(f'[{state.method}] network of iteration {iteration}: measured {m.ratio:.3f} of the '
+          f'teacher ({m.model_ms:.2f} / {m.teacher_ms:.2f} ms), predicted '
+          f'{predicted / state.l0_ms:.3f}; target {config.latency_target:g} ± '
+          f'{100 * config.latency_tolerance:g}%{" met" if met else ""}')
+  return m.ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShotMethod:
+  """An allocator ``(groups, scores, widths, predict, target_ms, round_to) -> (counts, extra)``
+  picks kept channels per group at once; ``criterion`` scores channels (None: the config's)."""
+
+  allocate: Callable[..., tuple[dict[str, int], dict[str, Any]]]
+  criterion: Optional[str] = None
+  prunes: bool = True
+
+  def prune(self, problem: Problem, config: SearchConfig, *, name: str,
+            store: Optional[IterationStore] = None, log: Log = print) -> Pruned:
+    del store  # Seconds of work: recomputed rather than resumed.
+    counter, start = CompilationCounter(), time.time()
+    teacher = jax.device_get(problem.teacher_variables)
+    full = widths_from_variables(teacher)
+    l0 = problem.latency.predict(full)
+    target_ms, measurements, measure_s = config.latency_target * l0, [], 0.0
+    with counter:
+      groups = discover_groups(problem.model, teacher, example_input(problem))
+      scores = make_scorer(self.criterion or config.importance, problem.model, groups,
+                           problem.data, seed=config.seed)(teacher)
+    for _ in range(config.measure_rounds + 1):
+      counts, extra = self.allocate(groups, scores, full, problem.latency.predict, target_ms,
+                                    config.round_to)
+      variables = remove_channels(teacher, groups, oneshot.masks_for_counts(scores, groups,
+                                                                            counts))
+      predicted = problem.latency.predict(widths_from_variables(variables))
+      if config.measure_rounds == 0:
+        break
+      t0 = time.time()
+      m = measure_network(problem, variables, log)
+      measure_s += time.time() - t0
+      met = measure.within(m.ratio, config.latency_target, config.latency_tolerance)
+      measurements.append(_measurement_row(m, predicted, l0, met_target=met, **extra))
+      log(f'[{name}] measured {m.ratio:.3f} of the teacher (predicted {predicted / l0:.3f})')
+      if met:
+        break
+      target_ms = measure.corrected_target_ms(m, predicted, l0, config.latency_target)
+    reached = measurements[-1]['met_target'] if measurements else predicted <= target_ms
+    message = 'latency target reached' if reached else (
+        f'latency target missed: best network measured {measurements[-1]["ratio"]:.3f} of the '
+        f'teacher' if measurements else 'latency target unreachable with this round_to')
+    times = {'search': time.time() - start - measure_s, 'measure': measure_s}
+    masks = oneshot.masks_for_counts(scores, groups, counts)
+    return Pruned(variables, times, [counter.count], bool(reached), message, measurements,
+                  dict(extra), masks={k: np.asarray(v, bool) for k, v in masks.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """No pruning: the source model as given, optionally with test-time BN adaptation."""
+
+  adapt_bn: bool = False
+  prunes: bool = False
+
+  def prune(self, problem: Problem, config: SearchConfig, *, name: str,
+            store: Optional[IterationStore] = None, log: Log = print) -> Pruned:
+    del name, store, log
+    start, variables = time.time(), problem.source_variables
+    if self.adapt_bn:
+      variables = bn_adapt.teacher_bn_adapt(problem.model, variables, problem.dataset,
+                                            seed=config.seed)
+    return Pruned(jax.device_get(variables), {'search': time.time() - start}, [], True,
+                  'reference (not pruned)')
+
+
+def _uniform(groups, scores, widths, predict, target_ms, round_to):
+  del scores
+  counts, ratio, reached = oneshot.uniform_counts(groups, widths, predict, target_ms, round_to)
+  return counts, {'keep_ratio': ratio, 'predicted_reached': reached}
+
+
+def _knapsack(groups, scores, widths, predict, target_ms, round_to):
+  counts, reached = oneshot.knapsack_counts(groups, scores, widths, predict, target_ms, round_to)
+  return counts, {'predicted_reached': reached}
+
+
+METHODS.register('ttmpd')(IterativeMethod(judges.TTMPDJudge.create))
+METHODS.register('netadapt')(IterativeMethod(lambda config: judges.NetAdaptJudge()))
+METHODS.register('eagleeye')(IterativeMethod(lambda config: judges.Judge()))
+METHODS.register('halp')(OneShotMethod(_knapsack, criterion='taylor'))
+METHODS.register('uniform')(OneShotMethod(_uniform))
+METHODS.register('teacher')(Reference())
+METHODS.register('teacher_bn')(Reference(adapt_bn=True))
