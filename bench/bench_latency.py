@@ -141,7 +141,8 @@ def run_model(name: str, index: int, args, cache_dir: str, quiet) -> dict:
   print(f'build: {table.measured} probes ({len(predictor.structure.units)} units, '
         f'{len(predictor.structure.prunable)} prunable groups) in {build_s:.1f} s'
         + ('  (goal for the quickstart model: <= 180 s on 2 cores)' if index == 0 else '')
-        + f'; fit on {predictor.fit.n}, largest in-sample error {100 * predictor.fit.max_error:.1f}%')
+        + f'; fit on {predictor.fit.n}, largest in-sample error '
+        f'{100 * predictor.fit.max_error:.1f}%')
   again = LatencyTable.open(cache_dir=cache_dir, log=quiet)
   t0 = time.perf_counter()
   LatencyPredictor.from_model(model, variables, (args.batch, *image_shape), again, **options)
@@ -210,10 +211,10 @@ def main() -> None:
                       'as the quickstart build')
   parser.add_argument('--archs', type=int, default=20, help='random architectures per model')
   parser.add_argument('--batch', type=int, default=256)
-  parser.add_argument('--round_to', type=int, default=8, help='probe channel step')
+  parser.add_argument('--round_to', type=int, default=4,
+                      help='channel step of the probes (the pruning round_to, default 4)')
   parser.add_argument('--arch_round_to', type=int, default=4,
-                      help='channel multiple of the random architectures (< round_to puts '
-                      'widths between probe counts)')
+                      help='channel multiple of the random architectures')
   parser.add_argument('--repeats', type=int, default=10, help='timed rounds per measurement')
   parser.add_argument('--cache_dir', default=None, help='default: a fresh temporary folder')
   parser.add_argument('--seed', type=int, default=0)
@@ -246,7 +247,8 @@ def main() -> None:
   print('\nmodel          n   MAPE  Spearman  saving-Spearman | noise: MAPE  Spearman  saving | '
         'build_s  load')
   for name, r in report['models'].items():
-    print(f'{name:12s} {r["n"]:3d} {r["mape"]:5.2f}%  {r["spearman"]:7.3f}  {r["saving_spearman"]:14.3f}'
+    print(f'{name:12s} {r["n"]:3d} {r["mape"]:5.2f}%  {r["spearman"]:7.3f}  '
+          f'{r["saving_spearman"]:14.3f}'
           f'  | {r["noise_mape"]:10.2f}%  {r["noise_spearman"]:8.3f}  '
           f'{r["saving_noise_spearman"]:6.3f} | {r["build_s"]:7.1f}  {r["foreign_load"]:.2f}')
   print(f'load average at end: {loadavg()}; total {time.perf_counter() - start:.0f} s; '

@@ -19,6 +19,7 @@ from absl import flags
 from ttmpd_jax import checkpoint, train
 from ttmpd_jax.fileio import write_json_atomic
 from ttmpd_jax.data import datasets, fashion_mnist
+from ttmpd_jax.distill import distributed
 from ttmpd_jax.errors import OutputError, UserError
 from ttmpd_jax.runlock import RunLock
 from ttmpd_jax.models import MODEL_NAMES, ModelSpec, build_model
@@ -94,7 +95,9 @@ flags.register_validator('eval_batch_size', lambda v: v > 0, '--eval_batch_size 
 
 
 def log(message: str) -> None:
-  print(message, flush=True)
+  """Prints a progress line; in a multi-process job only process 0 prints (the others repeat it)."""
+  if distributed.is_primary():
+    print(message, flush=True)
 
 
 def ensure_writable_dir(path: str, flag: str = '--output_dir') -> str:
@@ -320,18 +323,24 @@ class Context:
     return os.path.join(self.output_dir, 'checkpoints',
                         f'source_{spec.name}_{digest.hexdigest()[:10]}')
 
-  def source_model(self) -> SourceModel:
-    """Loads the source checkpoint if it exists (and matches), otherwise pretrains and saves it."""
-    if 'source' in self._cache:
-      return self._cache['source']
-    if FLAGS.checkpoint:
+  def source_model(self, spec: Optional[ModelSpec] = None) -> SourceModel:
+    """Loads the source checkpoint if it exists (and matches), otherwise pretrains and saves it.
+
+    ``spec`` (a benchmark grid's architecture) replaces the model flags; --checkpoint then
+    does not apply (one source model per architecture, keyed like the default one).
+    """
+    cache_key = 'source' if spec is None else 'source:' + json.dumps(spec.to_json(),
+                                                                     sort_keys=True)
+    if cache_key in self._cache:
+      return self._cache[cache_key]
+    if FLAGS.checkpoint and spec is None:
       path = self._checkpoint_flag_path()
       variables, meta = checkpoint.load(path)
       log(f'loaded checkpoint {path} ({meta.spec.name})')
       trained = False
     else:
       train_set = self.train_set()
-      spec = self.requested_spec(train_set.num_classes)
+      spec = spec or self.requested_spec(train_set.num_classes)
       path = self.default_checkpoint_path(spec)
       if checkpoint.exists(path):
         variables, meta = checkpoint.load(path, expected_spec=spec)
@@ -341,7 +350,7 @@ class Context:
         variables, meta = self._pretrain(spec, train_set, path)
         trained = True
     source = SourceModel(meta.spec, build_model(meta.spec), variables, meta, path, trained)
-    self._cache['source'] = source
+    self._cache[cache_key] = source
     return source
 
   def _pretrain(self, spec: ModelSpec, train_set: datasets.Dataset, path: str):
@@ -396,7 +405,10 @@ class Context:
     return os.path.join(self.output_dir, *parts)
 
   def write_report(self, report: dict[str, Any], name: str = 'report.json') -> str:
+    """Writes ``report`` atomically; in a multi-process job process 0 writes, the others skip."""
     path = self.path(name)
+    if not distributed.is_primary():
+      return path
     try:
       write_json_atomic(path, report)
     except OSError as e:

@@ -50,6 +50,8 @@ flags.DEFINE_string('latency_table', None, 'Explicit latency table file (overrid
                     'or XLA_FLAGS.')
 flags.DEFINE_enum('latency_on_corrupt', 'rebuild', ['rebuild', 'error'],
                   'What to do with a corrupted table file: move it aside and rebuild, or stop.')
+flags.DEFINE_string('latency_fit', None, 'Deprecated and ignored: the latency model is now '
+                    'fitted on in-context probes of the model (kept so old flag files run).')
 flags.DEFINE_integer('latency_validate', 10, 'Random pruned architectures to validate the '
                      'predictor on (measured afresh; 0 to skip).')
 

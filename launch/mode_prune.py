@@ -15,13 +15,16 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from absl import flags
 
 from launch import common, mode_evaluate
 from launch.mode_latency_table import predictor_from_flags
 from ttmpd_jax import checkpoint, evidence, train
+from ttmpd_jax.distill import distributed
 from ttmpd_jax.errors import UserError
+from ttmpd_jax.latency import LatencyPredictor, LatencyTable
 from ttmpd_jax.models import MODEL_NAMES, ModelSpec
 from ttmpd_jax.report import plot_tradeoff
 from ttmpd_jax.search import harness, judges
@@ -288,7 +291,35 @@ class Progress:
     common.log(f'grid: {self.done}/{self.total} cells done, ETA '
                f'{train.format_seconds(eta) if eta == eta else "?"}')
     if self.total > 1:
-      print(common.format_table(*evidence.summary_table(evidence.summarize(runs))))
+      common.log(common.format_table(*evidence.summary_table(evidence.summarize(runs))))
+
+
+def shared_predictor(source: Any) -> LatencyPredictor:
+  """The latency predictor of ``source``, the same on every process of a job.
+
+  Design choice: timings differ between hosts (and between runs), and a predictor that differs
+  by a fraction of a millisecond can make two processes choose different candidates, after which
+  their collectives no longer match. So process 0 alone builds, loads and verifies the table (it
+  measures and saves it); the others receive its entries (``distributed.broadcast_json``) and fit
+  the same predictor from them without measuring anything.
+  """
+  spec, image_shape = source.spec, tuple(source.meta.image_shape)
+  if jax.process_count() == 1:
+    return predictor_from_flags(spec, image_shape)
+  predictor, shared = None, None
+  if distributed.is_primary():
+    predictor = predictor_from_flags(spec, image_shape)
+    table = predictor.table
+    shared = {'key': table.key, 'entries': table.entries, 'models': table.models}
+  shared = distributed.broadcast_json(shared)
+  if predictor is None:
+    table = LatencyTable(shared['key'], None, shared['entries'], shared['models'], log=common.log)
+    predictor = LatencyPredictor.from_spec(spec, image_shape, FLAGS.latency_batch, table,
+                                           round_to=FLAGS.latency_round_to,
+                                           dtype=FLAGS.latency_dtype, build=False)
+    predictor.refit()
+  distributed.check_same(predictor.predict(), 'the predicted latency of the teacher')
+  return predictor
 
 
 def run(ctx: common.Context, mode: str) -> None:
@@ -304,7 +335,8 @@ def run(ctx: common.Context, mode: str) -> None:
     raise UserError('no shifted test set: pass --corruptions/--severities or --test_datasets')
   if hasattr(ctx, 'preflight'):
     ctx.preflight(['tradeoff.png'], folders=['models', 'work'], latency=True)
-  finished = _finished_rows(ctx)
+  # Process 0 reads report.json; every process resumes the same way (no shared file needed).
+  finished = distributed.broadcast_json(_finished_rows(ctx) if distributed.is_primary() else None)
   specs = grid_specs(ctx.clean_test_set().num_classes)
   report: dict[str, Any] = {'mode': mode, 'runs': [], 'latency_batch': FLAGS.latency_batch,
                             'flags': common.flag_values_for_report()}
@@ -315,7 +347,7 @@ def run(ctx: common.Context, mode: str) -> None:
     report.setdefault('teacher_spec', source.spec.to_json())
     report.setdefault('source_evaluation', _source_rows(ctx, source))
     start = time.time()
-    predictor = predictor_from_flags(source.spec, tuple(source.meta.image_shape))
+    predictor = shared_predictor(source)
     latency_s = time.time() - start
     common.log(f'latency table ready in {latency_s:.1f}s: {source.spec.name} predicted '
                f'{predictor.predict():.2f} ms at batch {FLAGS.latency_batch}')
@@ -342,16 +374,19 @@ def run(ctx: common.Context, mode: str) -> None:
 
 
 def _finish(ctx: common.Context, report: dict[str, Any], source: Any) -> None:
-  print()
-  print(table(report['runs']))
-  print()
+  common.log('')
+  common.log(table(report['runs']))
+  common.log('')
   missed = [f'{r["method"]} on {r["dataset"]}' for r in report['runs'] if not r.get('met_target')]
   if missed:
     common.log(f'note: measured latency target missed by {", ".join(missed)} (marked MISSED)')
   if len({evidence.cell_of(r) for r in report['runs']}) > 1:
     header, rows = evidence.summary_table(report['summary'])
-    print(common.format_table(header, rows))
-    print()
+    common.log(common.format_table(header, rows))
+    common.log('')
+  if not distributed.is_primary():   # Plots and the report: process 0's.
+    return
+  if len({evidence.cell_of(r) for r in report['runs']}) > 1:
     report['grid_plot'] = evidence.plot_grid(
         report['summary'], ctx.path('benchmark_grid.png'),
         title=f'accuracy vs prune + fine-tune time (target {FLAGS.latency_target:g}, 95% CIs)')

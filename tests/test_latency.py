@@ -142,6 +142,31 @@ def test_units_of_a_model_with_concatenation_and_depthwise():
   assert np.all(f_small <= f_full) and f_small[2, 0] < f_full[2, 0]  # dw MACs shrink with 'a'
 
 
+def test_nnx_model_through_its_adapter():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ttmpd_jax.pruning.nnx import from_nnx  # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(2, 8, (3, 3), rngs=rngs)
+      self.bn = nnx.BatchNorm(8, rngs=rngs)
+      self.dw = nnx.Conv(8, 8, (3, 3), feature_group_count=8, rngs=rngs)
+      self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      y = nnx.relu(self.dw(nnx.relu(self.bn(self.conv(x)))))
+      return self.head(y.mean(axis=(1, 2)))
+
+  adapter, variables = from_nnx(Net(nnx.Rngs(0)))
+  table = LatencyTable(FAKE_KEY, log=QUIET)
+  p = LatencyPredictor.from_model(adapter, variables, (4, 8, 8, 2), table, round_to=2,
+                                  random_probes=1, probes_per_group=1, repeats=2, warmup=1,
+                                  log=QUIET)
+  assert p.structure.paths == ('conv', 'dw', 'head') and p.structure.units[1].depthwise
+  assert p.structure.prunable == ('conv',) and len(table) == len(p.design()) == 4
+  assert p.predict() > 0 and p.predict({'conv': 4}) > 0
+
+
 SPECS = [ModelSpec('resnet8', 10, {'base_width': 8}),
          ModelSpec('vgg_small', 10, {'config': (8, 'M', 16, 'M'), 'hidden': 16}),
          ModelSpec('mobilenetv2', 10, {'width_multiplier': 0.25, 'small_input': True,

@@ -262,7 +262,7 @@ def channel_grid(full: int, round_to: int, max_points: Optional[int] = None) -> 
 
 
 def round_channels(value: float, full: int, round_to: int) -> int:
-  """Rounds a channel count to a multiple of ``round_to`` within [round_to, full] (full if smaller)."""
+  """Rounds to a multiple of ``round_to`` within [round_to, full] (full if that is smaller)."""
   if full <= round_to:
     return full
   rounded = int(round(value / round_to)) * round_to

@@ -13,9 +13,10 @@ A table whose key differs from the current device's is refused, never silently u
 file (or one of an older format) is reported, moved aside and rebuilt (or refused with
 ``on_corrupt='error'``) before anything is measured.
 
-Design choice (no stale bias): entries measured while other processes used the CPU, or whose
-repeats spread widely, are flagged ``loaded``; :meth:`LatencyTable.stale` lists them so that the
-predictor re-measures them as soon as the machine is quiet, instead of trusting them for ever.
+Design choice (no stale bias): entries measured while other processes used the CPU are flagged
+``loaded`` (the spread between repeats is recorded too); :meth:`LatencyTable.stale` lists them
+so that the predictor re-measures them as soon as the machine is quiet, instead of trusting them
+for ever.
 """
 
 from __future__ import annotations
@@ -150,8 +151,9 @@ class LatencyTable:
     key: the device key the numbers belong to (see :func:`device_key`).
     entries: entry key (``model fingerprint|input|dtype|kept channels``) -> {'ms': latency,
       'ratio': latency / unpruned model's latency in the same rounds, 'ref_ms', 'iqr_ms', 'n',
-      'foreign_load': CPU share other processes took meanwhile (0..1, None if unknown),
-      'loadavg', 'loaded': measured on a busy machine or with a wide spread, 'utc'}.
+      'spread': IQR / median of the per-round ratios, 'foreign_load': CPU share other
+      processes took meanwhile (0..1, None if unknown), 'loadavg', 'loaded': measured on a busy
+      machine, 'source': 'probe' or 'correction', 'utc'}.
     models: model fingerprint -> {'description', 'corrections': [...]} (see the predictor).
     builds: one record per build that measured something (when, how many, seconds, load).
     path: file the table is saved to (None: in memory only).

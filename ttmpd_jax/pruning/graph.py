@@ -826,21 +826,20 @@ def _layer_records(tracer: _Tracer, paths: list[Path], groups: Groups) -> list[L
                    padding=tuple((int(lo), int(hi)) for lo, hi in eqn.params['padding']),
                    feature_group_count=fgc, depthwise=depthwise)
     else:
-      (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
-      found, x_shape, contracted = None, None, ()
-      for operand, free_of, mine, shape in ((rhs, lhs, rc, in_shapes[0]),
-                                            (lhs, rhs, lc, in_shapes[1])):
-        found = _kernel_leaf(operand, owner_leaf, owner_axis)
-        if found is not None and len(mine) == 1:
-          x_shape, contracted = shape, mine
-          kernel_atoms_rank = len(operand)
-          break
-      if found is None or x_shape is None or kernel_atoms_rank != 2:
+      (lc, rc), _ = eqn.params['dimension_numbers']
+      # The kernel is the rank-2 parameter operand with one contracted axis (usually rhs).
+      found = None
+      for kernel, contracted, x_shape, k_shape in ((rhs, rc, in_shapes[0], in_shapes[1]),
+                                                   (lhs, lc, in_shapes[1], in_shapes[0])):
+        if len(kernel) == 2 and len(contracted) == 1:
+          found = _kernel_leaf(kernel, owner_leaf, owner_axis)
+          if found is not None:
+            break
+      if found is None:
         continue
       leaf, axes = found
       in_axis, out_axis = axes[contracted[0]], axes[1 - contracted[0]]
-      c_in = int(np.prod([in_shapes[1 if x_shape is in_shapes[0] else 0][contracted[0]]]))
-      c_out = out_shape[-1]
+      c_in, c_out = k_shape[contracted[0]], k_shape[1 - contracted[0]]
       extra = {}
     path = paths[leaf]
     module = path[1:-1] if len(path) > 2 and path[0] == 'params' else path[:-1]

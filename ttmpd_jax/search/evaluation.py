@@ -38,10 +38,41 @@ class SearchData:
   bn_images: np.ndarray        # float32 [k, B, H, W, C]
 
 
+def replicate_everywhere(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """``parallel.replicate`` of host values that every process of a job holds alike.
+
+  Design choice: in a multi-process job ``jax.device_put`` onto devices of other processes
+  first checks that every process passes the same value (an all-gather compiled per leaf shape,
+  so a few compilations per pruned architecture); the search's inputs are the same on every
+  process by construction, so they are placed with ``make_array_from_callback``: no XLA work.
+  """
+  if jax.process_count() == 1:
+    return parallel.replicate(tree, mesh)
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: _from_host(np.asarray(x), sharding), tree)
+
+
+def _from_host(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def mask_transform(groups: Sequence[ChannelGroup]) -> Callable:
   """``(variables, masks) -> masked variables`` for ``groups`` (masks are a jit argument)."""
   groups = tuple(groups)
   return lambda variables, masks: apply_masks(variables, masks, groups, validate=False)
+
+
+def stacked_masks(groups: Sequence[ChannelGroup], masks_list: Sequence[Mapping[str, Any]],
+                  mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """``{group: bool [len(masks_list), size]}`` sharded over ``mesh`` along the candidate axis
+  (missing groups: all kept); built from host values, so every process holds the same masks."""
+  sharding = parallel.data_sharded(mesh)
+  out = {}
+  for g in groups:
+    stacked = np.stack([np.asarray(m.get(g.name, np.ones(g.size, bool)), bool)
+                        for m in masks_list])
+    out[g.name] = _from_host(stacked, sharding)
+  return out
 
 
 class CandidateEvaluator:
@@ -70,23 +101,16 @@ class CandidateEvaluator:
     self._evaluate = jax.jit(jax.vmap(one, in_axes=(None, 0, None, None, None)),
                              out_shardings=replicated)
     # device_put, not jnp.asarray: no eager XLA computation, so nothing compiles here.
-    self._data = parallel.replicate(
+    self._data = replicate_everywhere(
         (data.bn_images, data.heldout_images, data.heldout_logits), self.mesh)
 
   def _stacked(self, masks_list: Sequence[Mapping[str, Any]]) -> dict[str, jax.Array]:
-    sharding = parallel.data_sharded(self.mesh)
-    out = {}
-    for g in self.groups:
-      stacked = np.stack([np.asarray(m.get(g.name, np.ones(g.size, bool)), bool)
-                          for m in masks_list])
-      out[g.name] = jax.make_array_from_callback(stacked.shape, sharding,
-                                                 lambda index, a=stacked: a[index])
-    return out
+    return stacked_masks(self.groups, masks_list, self.mesh)
 
   def many(self, variables: Any, masks_list: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """float64 ``[len(masks_list), 2]``: (v1, v2) of each candidate of ``variables``."""
     n, chunk = len(masks_list), self.mesh.size
-    variables = parallel.replicate(variables, self.mesh)
+    variables = replicate_everywhere(variables, self.mesh)
     out = []
     for lo in range(0, n, chunk):
       part = list(masks_list[lo:lo + chunk])
@@ -148,3 +172,76 @@ class KDRunner:
 def host_init_state(variables: Mapping[str, Any], optimizer: Any) -> train.TrainState:
   """A step-0 train state without eager XLA work (``train.create_train_state``)."""
   return train.create_train_state(variables, optimizer)
+
+
+class CandidateKDRunner:
+  """``KDRunner.run`` for many masked candidates of one network, spread over ``mesh``.
+
+  The same runs as ``KDRunner`` (optimizer, loss, batches: every candidate of an iteration sees
+  the same batch sequence), ``mesh.size`` candidates at a time: the train state is stacked along
+  a candidate axis and ``vmap``ped, the masks and the optimizer state are sharded over the mesh
+  (one candidate per device, every process holding the same masks), each batch is replicated.
+
+  Design choice: the step returns the networks replicated (an all-gather of ``mesh.size``
+  networks per step, small next to the forward and backward passes), so finished candidates are
+  read back on every process without a second compiled function: one compilation per
+  architecture whatever the number of candidates (the last chunk is padded), and on one device
+  it is the sequential loop.
+  """
+
+  def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], data: SearchData, *,
+               learning_rate: float, steps: int, batch_size: int, temperature: float,
+               hard_weight: float, seed: int, schedule: str = 'constant',
+               online_teacher: Optional[tuple[nn.Module, Any]] = None,
+               mesh: Optional[jax.sharding.Mesh] = None):
+    self.mesh = mesh or parallel.make_mesh()
+    self.groups = tuple(g for g in groups if g.prunable)
+    self.optimizer = finetune_lib.kd_optimizer(learning_rate, steps, schedule=schedule)
+    kd = dict(temperature=temperature, hard_weight=hard_weight)
+    if online_teacher is None:
+      loss_fn = finetune_lib.kd_loss_fn(model, **kd)
+    else:
+      loss_fn = finetune_lib.online_kd_loss_fn(model, online_teacher[0], **kd)
+    transform, optimizer = mask_transform(groups), self.optimizer
+    update = lambda state, masks, *inputs: train.apply_update(loss_fn, optimizer, transform,
+                                                               state, masks, inputs)
+    replicated, sharded = parallel.replicated(self.mesh), parallel.data_sharded(self.mesh)
+    self._shardings = train.TrainState(step=replicated, params=replicated,
+                                       batch_stats=replicated, opt_state=sharded)
+    self._step = jax.jit(jax.vmap(update, in_axes=(0, 0) + (None, None)),
+                         out_shardings=(self._shardings, replicated))
+    self.teacher_variables = None if online_teacher is None else online_teacher[1]
+    self.data, self.batch_size, self.seed = data, min(batch_size, len(data.train_images)), seed
+
+  def _inputs(self, step: int) -> tuple:
+    rows = finetune_lib.batch_positions(step, len(self.data.train_images), self.batch_size,
+                                        self.seed)
+    second = self.teacher_variables
+    if second is None:
+      second = self.data.train_logits[rows]
+    return replicate_everywhere((self.data.train_images[rows], second), self.mesh)
+
+  def _initial_state(self, variables: Mapping[str, Any]) -> train.TrainState:
+    """``mesh.size`` copies of the step-0 state, placed as the step returns it (no XLA work)."""
+    state = jax.device_get(train.create_train_state(variables, self.optimizer))
+    chunk = self.mesh.size
+    return jax.tree.map(
+        lambda sharding, tree: jax.tree.map(
+            lambda x: _from_host(np.broadcast_to(np.asarray(x)[None], (chunk, *np.shape(x))),
+                                 sharding), tree),
+        self._shardings, state, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+  def run_many(self, variables: Mapping[str, Any], masks_list: Sequence[Mapping[str, Any]],
+               steps: int) -> list[dict[str, Any]]:
+    """Host variables of each candidate of ``variables`` after ``steps`` masked KD steps."""
+    out: list[dict[str, Any]] = []
+    chunk = self.mesh.size
+    for lo in range(0, len(masks_list), chunk):
+      part = list(masks_list[lo:lo + chunk])
+      masks = stacked_masks(self.groups, part + [part[-1]] * (chunk - len(part)), self.mesh)
+      state, _ = train.train_loop(self._initial_state(variables),
+                                  lambda state, inputs, m=masks: self._step(state, m, *inputs),
+                                  map(self._inputs, range(steps)), steps=steps)
+      stacked = jax.device_get(state.variables)
+      out += [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(part))]
+    return out

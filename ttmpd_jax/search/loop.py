@@ -31,7 +31,7 @@ from ttmpd_jax.pruning.surgery import remove_channels
 from ttmpd_jax.search import state as state_lib
 from ttmpd_jax.search.candidates import Candidate, make_candidates, selection_score
 from ttmpd_jax.search.config import SearchConfig
-from ttmpd_jax.search.evaluation import KDRunner, make_candidate_evaluator
+from ttmpd_jax.search.evaluation import CandidateKDRunner, KDRunner, make_candidate_evaluator
 from ttmpd_jax.search.judges import Judge
 from ttmpd_jax.search.problem import Problem
 from ttmpd_jax.search.scoring import make_scorer
@@ -115,14 +115,26 @@ def kd_runner(run: Run, groups: tuple, k: int) -> Optional[KDRunner]:
 
 def finetune_candidates(run: Run, runner: Optional[KDRunner], variables: Any, p: Proposal,
                         which: list[int]) -> tuple[dict[int, Any], np.ndarray]:
-  """Short-term KD of candidates ``which``; their real (held-out, pseudo-label) accuracies."""
+  """Short-term KD of candidates ``which``; their real (held-out, pseudo-label) accuracies.
+
+  The runs are ``runner``'s (same optimizer, loss and batches), spread over every device of the
+  evaluator's mesh ``mesh.size`` candidates at a time (``CandidateKDRunner``: one compiled step
+  per iteration whatever the number of candidates).
+  """
   finetuned: dict[int, Any] = {}
   real = np.full(len(p.candidates), np.nan)
-  if runner is None:
+  if runner is None or not which:
     return finetuned, real
-  for i in which:
-    finetuned[i] = runner.run(variables, p.masks[i], run.config.short_term_steps)
-    real[i] = p.evaluate(finetuned[i], p.masks[i])[0]
+  config = run.config
+  batched = CandidateKDRunner(
+      run.problem.model, p.groups, run.problem.data, learning_rate=config.short_term_lr,
+      steps=config.short_term_steps, batch_size=config.batch_size,
+      temperature=config.temperature, hard_weight=config.hard_weight, seed=runner.seed,
+      online_teacher=run.online_teacher, mesh=p.evaluate.mesh)
+  tuned = batched.run_many(variables, [p.masks[i] for i in which], config.short_term_steps)
+  for i, variables_i in zip(which, tuned):
+    finetuned[i] = variables_i
+    real[i] = p.evaluate(variables_i, p.masks[i])[0]
   return finetuned, real
 
 

@@ -14,6 +14,8 @@ import dataclasses
 import os
 from typing import Any, Callable, Optional
 
+import jax
+
 from ttmpd_jax.latency import protocol
 
 Log = Callable[[str], None]
@@ -47,7 +49,25 @@ def measure_against_teacher(teacher: tuple[Any, Any], model: tuple[Any, Any], ba
                             image_shape: tuple[int, ...], *, repeats: int = 15,
                             attempts: int = 3, max_spread: float = 0.1, max_load: float = 0.5,
                             log: Log = print) -> Measurement:
-  """Teacher and ``model`` (each ``(module, variables)``) timed together at ``batch``."""
+  """Teacher and ``model`` (each ``(module, variables)``) timed together at ``batch``.
+
+  Multi-process jobs: process 0 measures and every process gets its numbers
+  (``distributed.broadcast_json``), so all of them correct the target and stop alike.
+  """
+  if jax.process_count() > 1:
+    from ttmpd_jax.distill import distributed  # pylint: disable=g-import-not-at-top
+    mine = None
+    if jax.process_index() == 0:
+      mine = dataclasses.asdict(_measure(teacher, model, batch, image_shape, repeats, attempts,
+                                         max_spread, max_load, log))
+    return Measurement(**distributed.broadcast_json(mine))
+  return _measure(teacher, model, batch, image_shape, repeats, attempts, max_spread, max_load,
+                  log)
+
+
+def _measure(teacher: tuple[Any, Any], model: tuple[Any, Any], batch: int,
+             image_shape: tuple[int, ...], repeats: int, attempts: int, max_spread: float,
+             max_load: float, log: Log) -> Measurement:
   result = None
   for attempt in range(attempts):
     load = load_per_core()

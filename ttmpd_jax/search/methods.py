@@ -255,9 +255,15 @@ class OneShotMethod:
         break
       target_ms = measure.corrected_target_ms(m, predicted, l0, config.latency_target)
     reached = measurements[-1]['met_target'] if measurements else predicted <= target_ms
-    message = 'latency target reached' if reached else (
-        f'latency target missed: best network measured {measurements[-1]["ratio"]:.3f} of the '
-        f'teacher' if measurements else 'latency target unreachable with this round_to')
+    measured = (f'; its network measured {measurements[-1]["ratio"]:.3f} of the teacher'
+                if measurements else '')
+    if reached:
+      message = 'latency target reached'
+    elif not extra.get('predicted_reached', True):
+      message = (f'latency target unreachable: no allocation with round_to={config.round_to} '
+                 f'reaches it as predicted, kept the fastest one{measured}')
+    else:
+      message = f'latency target missed after {len(measurements)} measurements{measured}'
     times = {'search': time.time() - start - measure_s, 'measure': measure_s}
     masks = oneshot.masks_for_counts(scores, groups, counts)
     return Pruned(variables, times, [counter.count], bool(reached), message, measurements,

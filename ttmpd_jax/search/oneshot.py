@@ -34,16 +34,20 @@ def uniform_counts(groups: Sequence[ChannelGroup], base_widths: Mapping[str, int
                    round_to: int) -> tuple[dict[str, int], float, bool]:
   """The largest common keep ratio (step 0.005) whose predicted latency meets ``target_ms``.
 
-  Returns ``(kept count per group, keep ratio, reached)``; when even the smallest ratio misses
-  the target, the smallest is returned with ``reached=False``.
+  Returns ``(kept count per group, keep ratio, reached)``. Latency is not monotone in channel
+  counts on real devices, so every ratio is tried; when none meets the target, the ratio with
+  the *fastest* predicted network (not simply the smallest) is returned with ``reached=False``.
   """
   prunable = _prunable(groups)
-  counts: dict[str, int] = {}
+  fastest = (np.inf, {}, 1.0)
   for ratio in np.arange(1.0, 0.0, -0.005):
     counts = {g.name: round_keep(ratio * g.size, g.size, round_to) for g in prunable}
-    if predict_ms(_widths_for(counts, groups, base_widths)) <= target_ms:
+    ms = predict_ms(_widths_for(counts, groups, base_widths))
+    if ms <= target_ms:
       return counts, float(ratio), True
-  return counts, 0.005, False
+    if ms < fastest[0]:
+      fastest = (ms, counts, float(ratio))
+  return fastest[1], fastest[2], False
 
 
 def knapsack_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
