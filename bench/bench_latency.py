@@ -27,7 +27,6 @@ meaningful when it is low.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

@@ -109,6 +109,8 @@ def predictor_from_flags(model: Any, variables_or_image_shape: Any,
 
 def run(ctx: common.Context, mode: str) -> None:
   del mode
+  ctx.preflight(report='latency_table_report.json', source=False, data=not FLAGS.checkpoint,
+                shifted=False, latency=True)
   spec, image_shape = model_for_latency(ctx)
   table = open_table()
   common.log(f'latency table {table.path}: {len(table)} entries cached '

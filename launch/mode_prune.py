@@ -333,8 +333,8 @@ def run(ctx: common.Context, mode: str) -> None:
   names = ctx.shifted_dataset_names()
   if not names:
     raise UserError('no shifted test set: pass --corruptions/--severities or --test_datasets')
-  if hasattr(ctx, 'preflight'):
-    ctx.preflight(['tradeoff.png'], folders=['models', 'work'], latency=True)
+  ctx.preflight(['tradeoff.png', 'benchmark_grid.png'],
+                folders=['models'] + (['work'] if FLAGS.resume else []), latency=True)
   # Process 0 reads report.json; every process resumes the same way (no shared file needed).
   finished = distributed.broadcast_json(_finished_rows(ctx) if distributed.is_primary() else None)
   specs = grid_specs(ctx.clean_test_set().num_classes)

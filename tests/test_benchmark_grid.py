@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from tests.conftest import requires_fashion_mnist
 from tests.test_cli import run_main

@@ -19,8 +19,9 @@ import time
 
 import pytest
 
-from tests.conftest import FASHION_MNIST_DIR, requires_fashion_mnist
+from tests.conftest import requires_fashion_mnist
 from tests.test_cli import MAIN, ROOT, run_main
+from tests.test_prune_cli import _flags as prune_flags
 
 pytestmark = [requires_fashion_mnist, pytest.mark.slow]
 
@@ -29,17 +30,11 @@ METHODS = 'uniform,eagleeye'
 
 
 def _flags(tmp, output_dir):
-  return [f'--output_dir={output_dir}', f'--data_dir={FASHION_MNIST_DIR}',
-          f'--latency_cache_dir={tmp / "latency"}', '--model=resnet8', '--base_width=8',
-          '--train_limit=3840', '--epochs=1', '--batch_size=64', '--learning_rate=0.05',
-          '--test_limit=1000', '--corruptions=gaussian_noise', '--severities=5',
-          '--latency_batch=128', '--latency_repeats=3', '--latency_model_repeats=5',
-          '--latency_validate=0', '--latency_round_to=4', '--latency_max_grid_points=4',
-          '--latency_target=0.6', '--r0=0.1', '--round_to=2', '--max_iterations=3',
-          '--finetune_fraction=0.4', '--bn_batches=2', '--bn_batch_size=64',
-          '--short_term_steps=3', '--long_term_steps=20', '--kd_batch_size=64',
-          '--trajectory_eval_limit=200', '--mode=benchmark', f'--methods={METHODS}',
-          '--kd_modes=cached']
+  # measure_rounds=0: decisions depend on the (cached) latency table only, not on timings, so an
+  # interrupted run can be compared with an uninterrupted one architecture for architecture.
+  return prune_flags(tmp, output_dir, '--latency_target=0.6', '--max_iterations=3',
+                     '--mode=benchmark', f'--methods={METHODS}', '--kd_modes=cached',
+                     '--measure_rounds=0')
 
 
 def _runs(output_dir) -> list[dict]:

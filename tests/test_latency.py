@@ -18,7 +18,6 @@ from ttmpd_jax.latency import (CompilationCounter, CpuMonitor, LatencyPredictor,
                                ModelStructure, TableError, channel_grid, fit_costs, measure,
                                measure_many, measure_model, measure_relative,
                                random_architectures, synthetic_variables)
-from ttmpd_jax.latency import predictor as predictor_lib
 from ttmpd_jax.latency import protocol
 from ttmpd_jax.latency import table as table_lib
 from ttmpd_jax.models import ModelSpec, build_model

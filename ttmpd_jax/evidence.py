@@ -115,8 +115,7 @@ def plot_grid(summary: Sequence[Mapping[str, Any]], path: str, title: str = '') 
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  from ttmpd_jax.fileio import atomic_path
-  from ttmpd_jax.report import MARKERS
+  from ttmpd_jax.report import MARKERS, save_png
   models = sorted({s['model'] for s in summary}, key=str)
   fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
   for ax, model in zip(axes[0], models):
@@ -135,10 +134,4 @@ def plot_grid(summary: Sequence[Mapping[str, Any]], path: str, title: str = '') 
     ax.legend(fontsize=8)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
-  try:
-    with atomic_path(path, suffix='.png') as tmp:
-      fig.savefig(tmp, dpi=120, format='png')
-  finally:
-    plt.close(fig)
-  return path
+  return save_png(fig, path)

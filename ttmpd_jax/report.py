@@ -30,17 +30,17 @@ def plot_tradeoff(runs: Sequence[Mapping[str, Any]], path: str,
   for ax, dataset in zip(axes[0], datasets):
     for run in (r for r in runs if r['dataset'] == dataset):
       marker, color = MARKERS.get(run['method'], ('x', 'tab:brown'))
-      label = run['method'] if run['method'].startswith('teacher') else \
+      label = run['method'] if run.get('latency_target', 1.0) >= 1.0 else \
           f'{run["method"]} ({run["kd"]} KD)'
       face = color if run.get('kd', 'cached') == 'cached' else 'none'
       ax.scatter(run['latency_ratio'], 100 * run['accuracy'], marker=marker, s=110,
                  facecolors=face, edgecolors=color, label=label, zorder=3)
       traj = [p for p in run.get('trajectory') or [] if p.get('accuracy_short_term') is not None]
-      if run['method'] == 'ttmpd' and len(traj) > 1:
+      if len(traj) > 1:   # Iterative methods: accuracy after each short-term fine-tuning.
         ax.plot([p['latency_ratio_predicted'] for p in traj],
                 [100 * p['accuracy_short_term'] for p in traj], '--', color=color, alpha=0.6,
-                marker='.', label=f'ttmpd trajectory ({run["kd"]}; predicted latency, '
-                'short-term FT)')
+                marker='.', label=f'{run["method"]} trajectory ({run["kd"]}; predicted '
+                'latency, short-term FT)')
     target = next((r['latency_target'] for r in runs
                    if r['dataset'] == dataset and r['latency_target'] < 1), None)
     if target:
@@ -52,6 +52,12 @@ def plot_tradeoff(runs: Sequence[Mapping[str, Any]], path: str,
     ax.legend(fontsize=7, loc='best')
   if title:
     fig.suptitle(title)
+  return save_png(fig, path)
+
+
+def save_png(fig, path: str) -> str:
+  """Lays out ``fig``, writes it atomically as a PNG at ``path`` and closes it."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   try:
     with atomic_path(path, suffix='.png') as tmp:
