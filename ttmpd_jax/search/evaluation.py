@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from ttmpd_jax import parallel, train
 from ttmpd_jax.distill import bn_adapt, finetune as finetune_lib
@@ -54,6 +55,29 @@ def replicate_everywhere(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 def _from_host(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _gather(tree: Any) -> Any:
+  """Inside ``over_candidates``: every device's block, concatenated along the candidate axis."""
+  return jax.tree.map(lambda x: jax.lax.all_gather(x, parallel.DATA_AXIS, tiled=True), tree)
+
+
+def over_candidates(fn: Callable, mesh: jax.sharding.Mesh, batched: Sequence[bool],
+                    finish: Callable[[Any], Any], out_specs: Any = P()) -> Callable:
+  """``fn`` (vmapped over a candidate axis) run on each device's block of candidates only.
+
+  ``batched[i]``: argument ``i`` is stacked along the candidate axis (sharded over the mesh);
+  the others are the same for every candidate. ``finish`` maps each device's result to the
+  outputs described by ``out_specs`` (``_gather`` for replicated ones).
+  Design choice: an explicit ``shard_map``, not a sharded ``vmap`` left to the partitioner:
+  once activations differ per candidate, a vmapped convolution becomes one grouped convolution
+  that the SPMD partitioner all-gathers and then computes in full on every device (each device
+  would do every candidate's work). Here each device computes its own candidates only.
+  """
+  in_specs = tuple(P(parallel.DATA_AXIS) if b else P() for b in batched)
+  # check_vma=False: the all-gathered outputs are replicated, which the check cannot infer.
+  return jax.shard_map(lambda *args: finish(fn(*args)), mesh=mesh, in_specs=in_specs,
+                       out_specs=out_specs, check_vma=False)
 
 
 def mask_transform(groups: Sequence[ChannelGroup]) -> Callable:
@@ -97,9 +121,9 @@ class CandidateEvaluator:
       logits = model.apply(adapted, images, train=False)
       return jnp.stack(agreement_and_kl(logits, teacher_logits))
 
-    replicated = parallel.replicated(self.mesh)
-    self._evaluate = jax.jit(jax.vmap(one, in_axes=(None, 0, None, None, None)),
-                             out_shardings=replicated)
+    self._evaluate = jax.jit(over_candidates(
+        jax.vmap(one, in_axes=(None, 0, None, None, None)), self.mesh,
+        (False, True, False, False, False), lambda out: _gather(out)))
     # device_put, not jnp.asarray: no eager XLA computation, so nothing compiles here.
     self._data = replicate_everywhere(
         (data.bn_images, data.heldout_images, data.heldout_logits), self.mesh)
@@ -182,11 +206,11 @@ class CandidateKDRunner:
   a candidate axis and ``vmap``ped, the masks and the optimizer state are sharded over the mesh
   (one candidate per device, every process holding the same masks), each batch is replicated.
 
-  Design choice: the step returns the networks replicated (an all-gather of ``mesh.size``
-  networks per step, small next to the forward and backward passes), so finished candidates are
-  read back on every process without a second compiled function: one compilation per
-  architecture whatever the number of candidates (the last chunk is padded), and on one device
-  it is the sequential loop.
+  Design choice: each device computes its own candidates (``over_candidates``) and the step
+  returns the networks replicated (an all-gather of ``mesh.size`` networks per step, small next
+  to the forward and backward passes), so finished candidates are read back on every process
+  without a second compiled function: one compilation per architecture whatever the number of
+  candidates (the last chunk is padded), and on one device it is the sequential loop.
   """
 
   def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], data: SearchData, *,
@@ -208,8 +232,17 @@ class CandidateKDRunner:
     replicated, sharded = parallel.replicated(self.mesh), parallel.data_sharded(self.mesh)
     self._shardings = train.TrainState(step=replicated, params=replicated,
                                        batch_stats=replicated, opt_state=sharded)
-    self._step = jax.jit(jax.vmap(update, in_axes=(0, 0) + (None, None)),
-                         out_shardings=(self._shardings, replicated))
+    specs = jax.tree.map(lambda s: s.spec, self._shardings,
+                         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+    def finish(result):
+      state, metrics = result   # Networks and metrics gathered; optimizer states stay put.
+      return state.replace(step=_gather(state.step), params=_gather(state.params),
+                           batch_stats=_gather(state.batch_stats)), _gather(metrics)
+
+    self._step = jax.jit(over_candidates(jax.vmap(update, in_axes=(0, 0, None, None)),
+                                         self.mesh, (True, True, False, False), finish,
+                                         out_specs=(specs, P())))
     self.teacher_variables = None if online_teacher is None else online_teacher[1]
     self.data, self.batch_size, self.seed = data, min(batch_size, len(data.train_images)), seed
 
