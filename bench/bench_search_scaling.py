@@ -186,7 +186,9 @@ that the candidate path is correct and compiles once per architecture whatever N
 compilations per iteration do not grow with N), and what the extra collectives and per-device
 dispatch cost. They cannot show a speedup: N devices split the same cores, so the candidate
 part cannot get faster than on one device and usually gets slower (per-step rendezvous of the
-device threads on an oversubscribed machine). The expected speedup of a real 8-device node is
+device threads on an oversubscribed machine), and padding costs real work: a last chunk of 4
+candidates on 8 devices is padded to 8, which idle devices absorb for free but shared cores
+compute twice. The expected speedup of a real 8-device node is
 therefore computed on paper from the measured one-device costs: per-candidate work parallelises
 (ceil(n / 8) rounds instead of n), the fixed part (proposal, compilations, commit) does not."""
 

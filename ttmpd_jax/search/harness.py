@@ -128,15 +128,17 @@ def run_method(name: str, problem: Problem, config: SearchConfig, *,
   prune_finetune = sum(times[k] for k in ('search', 'short_term_ft', 'long_term_ft', 'measure'))
   times['total'] = sum(times.values())
   widths = widths_from_variables(variables)
+  final_met = within(final.ratio, config.latency_target, config.latency_tolerance)
+  message = pruned.message if not pruned.reached_target or final_met or not method.prunes else (
+      f'the final measurement, {final.ratio:.3f} of the teacher, is outside the target band')
   report = MethodReport(
       method=name, kd=config.kd, dataset=problem.dataset.name,
       latency_target=config.latency_target if method.prunes else 1.0,
       latency_ratio=final.ratio, latency_ms_measured=final.model_ms,
       latency_ms_teacher_measured=final.teacher_ms,
       latency_ms_predicted=problem.latency.predict(widths), latency_reliable=final.reliable,
-      met_target=(not method.prunes) or (pruned.reached_target and within(
-          final.ratio, config.latency_target, config.latency_tolerance)),
-      reached_target=pruned.reached_target, message=pruned.message, flops=cost.macs,
+      met_target=(not method.prunes) or (pruned.reached_target and final_met),
+      reached_target=pruned.reached_target, message=message, flops=cost.macs,
       params=cost.params, time_s=times, prune_finetune_s=prune_finetune if method.prunes else 0.0,
       wall_s=wall, compilations={'total': int(sum(pruned.compilations)),
                                  'per_iteration': pruned.compilations,
@@ -151,6 +153,6 @@ def run_method(name: str, problem: Problem, config: SearchConfig, *,
   log(f'[{name}/{config.kd}] latency {final.model_ms:.2f} ms measured ({final.ratio:.3f} of '
       f'teacher {final.teacher_ms:.2f} ms{"" if final.reliable else ", UNRELIABLE"}; predicted '
       f'{report.latency_ms_predicted:.2f})  prune+fine-tune {prune_finetune:.1f}s'
-      f'{"" if report.met_target else "  TARGET MISSED: " + pruned.message}')
+      f'{"" if report.met_target else "  TARGET MISSED: " + report.message}')
   return report, variables, pruned
 
