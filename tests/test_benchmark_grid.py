@@ -13,9 +13,9 @@ from tests.test_prune_cli import _flags, shared  # noqa: F401  (module fixture)
 pytestmark = requires_fashion_mnist
 
 GRID = ('--mode=benchmark', '--methods=ttmpd,eagleeye', '--corruptions=gaussian_noise,fog',
-        '--grid_models=resnet8:base_width=8', '--max_iterations=2', '--long_term_steps=5',
+        '--grid_models=resnet8:base_width=8', '--max_iterations=2', '--long_term_steps=2',
         '--trajectory_eval_limit=0', '--latency_target=0.7', '--measure_rounds=0',
-        '--test_limit=500')
+        '--test_limit=300', '--short_term_steps=2')
 
 
 def test_reduced_grid_resumes_and_summarises(shared):  # noqa: F811

@@ -30,11 +30,12 @@ METHODS = 'uniform,eagleeye'
 
 
 def _flags(tmp, output_dir):
-  # measure_rounds=0: decisions depend on the (cached) latency table only, not on timings, so an
-  # interrupted run can be compared with an uninterrupted one architecture for architecture.
+  # measure_rounds=0, no latency verify (it may refit the table): decisions depend on the cached
+  # latency table only, not on timings, so an interrupted run can be compared with an
+  # uninterrupted one architecture for architecture.
   return prune_flags(tmp, output_dir, '--latency_target=0.6', '--max_iterations=3',
                      '--mode=benchmark', f'--methods={METHODS}', '--kd_modes=cached',
-                     '--measure_rounds=0')
+                     '--measure_rounds=0', '--nolatency_verify')
 
 
 def _runs(output_dir) -> list[dict]:

@@ -196,7 +196,7 @@ def test_resume_equals_uninterrupted(tmp_path, searched):
     pass
 
   def killer(line):
-    if 'iter 3:' in line:
+    if 'iter 2:' in line:   # Iteration 2 is saved before its line is printed.
       raise Killed
   store = IterationStore(str(tmp_path))
   with pytest.raises(Killed):

@@ -11,30 +11,13 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent('''
-    import jax, numpy as np, flax.linen as nn
-    from ttmpd_jax import parallel, pruning
+    import numpy as np
+    from tests.candidate_setup import candidates
+    from ttmpd_jax import parallel
     from ttmpd_jax.latency.compilations import CompilationCounter
-    from ttmpd_jax.search.evaluation import SearchData, make_candidate_evaluator
+    from ttmpd_jax.search.evaluation import make_candidate_evaluator
 
-    class Net(nn.Module):
-      @nn.compact
-      def __call__(self, x, train=False):
-        bn = lambda: nn.BatchNorm(use_running_average=not train)
-        x = nn.relu(bn()(nn.Conv(16, (3, 3))(x)))
-        x = nn.relu(x + bn()(nn.Conv(16, (3, 3))(x)))
-        x = nn.relu(bn()(nn.Conv(24, (3, 3), strides=2)(x)))
-        return nn.Dense(4)(x.mean(axis=(1, 2)))
-
-    assert jax.device_count() == 8, jax.devices()
-    rng = np.random.default_rng(0)
-    img = lambda *s: rng.standard_normal(s).astype(np.float32)
-    model = Net()
-    variables = jax.device_get(model.init(jax.random.key(0), img(1, 8, 8, 1)))
-    data = SearchData(img(32, 8, 8, 1), img(32, 4), img(24, 8, 8, 1), img(24, 4),
-                      img(2, 16, 8, 8, 1))
-    groups = pruning.discover_groups(model, variables, img(1, 8, 8, 1))
-    masks = [pruning.random_masks(i, groups) for i in range(11)]
-    masks = [jax.tree.map(np.asarray, m) for m in masks]
+    model, variables, data, groups, masks = candidates()
     wide = make_candidate_evaluator(model, groups, data, parallel.make_mesh())
     one = make_candidate_evaluator(model, groups, data, parallel.make_mesh(1))
     sequential = np.array([one(variables, m) for m in masks])

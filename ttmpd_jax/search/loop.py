@@ -40,12 +40,14 @@ from ttmpd_jax.search.state import SearchState
 
 @dataclasses.dataclass
 class Run:
-  """The fixed context of one search: problem, budgets, judge, logging."""
+  """The fixed context of one search: problem, budgets, judge, logging, and where each step's
+  state is saved (``store``; None: not saved)."""
 
   problem: Problem
   config: SearchConfig
   judge: Judge
   log: Callable[[str], None] = print
+  store: Any = None
 
   @property
   def online_teacher(self) -> Optional[tuple[Any, Any]]:
@@ -216,6 +218,8 @@ def record(run: Run, state: SearchState, k: int, p: Proposal, real: np.ndarray,
       'score': float(accuracy[best]), 'v1': float(p.v1[best]), 'elapsed_s': elapsed,
       'compilations': compilations, 'widths': widths})
   eta = elapsed * max(new_ms - state.target_ms, 0.0) / max(state.l0_ms - new_ms, 1e-9)
+  if run.store is not None:   # Saved before reported: once the line is printed, it is on disk.
+    run.store.save(state, variables)
   run.log(f'[{state.method}] iter {k}: {current_ms:.2f} -> {new_ms:.2f} ms predicted (target '
           f'{state.target_ms:.2f}); pruned {chosen.removed}/{chosen.size} of {chosen.group}; '
           f'A={accuracy[best]:.4f} v1={p.v1[best]:.4f}; {compilations} compilations; elapsed '

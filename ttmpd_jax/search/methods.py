@@ -88,15 +88,13 @@ class IterativeMethod:
 
   def prune(self, problem: Problem, config: SearchConfig, *, name: str,
             store: Optional[IterationStore] = None, log: Log = print) -> Pruned:
-    run = Run(problem, config, self.judge(config), log)
+    run = Run(problem, config, self.judge(config), log, store)
     state, variables, resumed = self._start(run, name, store)
     snapshots = {state.iteration: (variables, dict(state.kept))}
     while state.status != state_lib.DONE:
       while state.status == state_lib.SEARCHING and state.iteration < config.max_iterations:
-        state, variables = search_step(run, state, variables)
+        state, variables = search_step(run, state, variables)   # Saves each step to the store.
         snapshots[state.iteration] = (variables, dict(state.kept))
-        if store is not None:
-          store.save(state, variables)
       variables = self._settle(run, state, variables, snapshots)
       if store is not None:
         store.save(state, variables)
