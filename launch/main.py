@@ -137,6 +137,9 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   signal.signal(signal.SIGTERM, _on_sigterm)
+  # Ctrl-C stops a run cleanly even when started from a shell that ignores SIGINT in background
+  # jobs (Python then inherits SIG_IGN and would never raise KeyboardInterrupt).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   silence_third_party_noise()
   start = time.time()
   try:
