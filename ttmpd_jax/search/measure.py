@@ -3,9 +3,11 @@
 The latency model predicts; the target is judged on measurements. A :class:`Measurement` is the
 teacher and the network timed together (interleaved calls, ``latency.protocol``), so background
 load hits both alike and their *ratio* is robust where raw milliseconds are not. A measurement is
-*unreliable* when the host is busy (load average above half its cores) or when the repeats
-spread widely (interquartile range above ``max_spread`` of the median); it is then repeated up
-to ``attempts`` times and, if still unreliable, kept but flagged (and said loudly).
+*unreliable* when the host is busy — other processes took more than ``max_load`` of its CPUs
+while it ran (``protocol.CpuMonitor``: unlike the load average, our own threads do not count) —
+or when the repeats spread widely (interquartile range above ``max_spread`` of the median); it is
+then repeated up to ``attempts`` times and, if still unreliable, kept but flagged (and said
+loudly).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class Measurement:
   teacher_ms: float
   model_ms: float
   spread: float                 # Largest relative IQR of the two timings.
-  load: Optional[float]         # 1-minute load average per core when measured.
+  load: Optional[float]         # Share of the CPUs other processes took while measuring.
   reliable: bool
 
   @property
@@ -37,17 +39,9 @@ class Measurement:
     return {**dataclasses.asdict(self), 'ratio': self.ratio}
 
 
-def load_per_core() -> Optional[float]:
-  try:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return round(os.getloadavg()[0] / max(cores or 1, 1), 2)
-  except (AttributeError, OSError):
-    return None
-
-
 def measure_against_teacher(teacher: tuple[Any, Any], model: tuple[Any, Any], batch: int,
                             image_shape: tuple[int, ...], *, repeats: int = 15,
-                            attempts: int = 3, max_spread: float = 0.1, max_load: float = 0.5,
+                            attempts: int = 3, max_spread: float = 0.1, max_load: float = 0.15,
                             log: Log = print) -> Measurement:
   """Teacher and ``model`` (each ``(module, variables)``) timed together at ``batch``.
 
@@ -70,18 +64,20 @@ def _measure(teacher: tuple[Any, Any], model: tuple[Any, Any], batch: int,
              max_load: float, log: Log) -> Measurement:
   result = None
   for attempt in range(attempts):
-    load = load_per_core()
-    t, m = protocol.measure_models([teacher, model], (batch, *image_shape), repeats=repeats,
-                                   warmup=2)
+    with protocol.CpuMonitor() as monitor:
+      t, m = protocol.measure_models([teacher, model], (batch, *image_shape), repeats=repeats,
+                                     warmup=2)
+    load = None if monitor.foreign_load is None else round(monitor.foreign_load, 2)
     spread = max(t.relative_spread, m.relative_spread)
     reliable = spread <= max_spread and (load is None or load <= max_load)
     result = Measurement(t.median_ms, m.median_ms, spread, load, reliable)
     if reliable:
       return result
-    log(f'  latency measurement {attempt + 1}/{attempts} unreliable (load {load} per core, '
-        f'spread {100 * spread:.0f}%): measuring again')
-  log(f'  WARNING: latency measured on a busy machine (load {result.load} per core, spread '
-      f'{100 * result.spread:.0f}%); ratio {result.ratio:.3f} is flagged unreliable')
+    log(f'  latency measurement {attempt + 1}/{attempts} unreliable (other processes took '
+        f'{load} of the CPUs, spread {100 * spread:.0f}%): measuring again')
+  log(f'  WARNING: latency measured on a busy machine (other processes took {result.load} of '
+      f'the CPUs, spread {100 * result.spread:.0f}%); ratio {result.ratio:.3f} is flagged '
+      'unreliable')
   return result
 
 
