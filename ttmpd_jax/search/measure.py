@@ -13,7 +13,6 @@ loudly).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Optional
 
 import jax
