@@ -123,7 +123,9 @@ def test_two_processes_equal_one_process_and_only_process_0_reports(source, one_
   assert run['compilations']['per_iteration'] == one_process['compilations']['per_iteration']
   # Progress and outputs: process 0's alone (process 1 prints nothing, writes nothing).
   assert '[ttmpd] iter 1:' in out0 and 'wrote ' in out0 and 'plot: ' in out0, out0[-3000:]
-  assert not [l for l in out1.splitlines() if l.strip() and not l.startswith('[Gloo]')], out1
+  # Gloo's own connection lines come from several threads and may interleave mid-line.
+  assert not [l for l in out1.splitlines()
+              if l.strip() and '[Gloo]' not in l and 'peer ranks' not in l], out1
   assert '--process_id=0' in report['flags']['argv']
   assert (out / 'tradeoff.png').stat().st_size > 10_000
   assert os.path.isdir(run['checkpoint']) and not [
