@@ -84,7 +84,7 @@ def worker(args) -> dict:
       for i, t in enumerate(state.trajectory)]
   candidates = [c for c in state.candidates if c['iteration'] == 1]
   # Warm candidate work on the final architecture: batched over the mesh vs sequential.
-  p = loop.propose(run, variables, args.iterations + 1, 0.05 * l0)
+  p = loop.propose(run, variables, args.iterations + 1, 0.05 * l0, state.kept)
   masks = p.masks
   warm = {}
   for label, mesh in (('batched', parallel.make_mesh()), ('sequential', parallel.make_mesh(1))):

@@ -341,6 +341,7 @@ def run(ctx: common.Context, mode: str) -> None:
   report: dict[str, Any] = {'mode': mode, 'runs': [], 'latency_batch': FLAGS.latency_batch,
                             'flags': common.flag_values_for_report()}
   progress = Progress(len(specs) * len(names) * len(seeds))
+  models = []
   for spec in specs:
     source = ctx.source_model(spec) if spec is not None else ctx.source_model()
     report.setdefault('source_checkpoint', source.path)
@@ -351,9 +352,12 @@ def run(ctx: common.Context, mode: str) -> None:
     latency_s = time.time() - start
     common.log(f'latency table ready in {latency_s:.1f}s: {source.spec.name} predicted '
                f'{predictor.predict():.2f} ms at batch {FLAGS.latency_batch}')
-    for name in names:
-      dataset = ctx.dataset(name, 'test', FLAGS.test_limit)
-      for seed in seeds:
+    models.append((source, predictor, latency_s))
+  # Seeds outermost: a grid stopped part-way holds every (model, shift) cell of its first seeds.
+  for seed in seeds:
+    for source, predictor, latency_s in models:
+      for name in names:
+        dataset = ctx.dataset(name, 'test', FLAGS.test_limit)
         with config_errors_as_flags():
           problem = prepare(source.model, source.variables, dataset, configs[kd_modes[0], seed],
                             latency=predictor, latency_batch=FLAGS.latency_batch,

@@ -38,6 +38,14 @@ def test_each_strategy_chooses_by_its_own_estimate():
   assert choose(judges.Judge(), p, np.full(2, np.nan), 10.0)[0] == 1
 
 
+def test_choose_passes_over_candidates_that_overshoot_the_target_band():
+  # Candidate 1 loses less per ms saved but lands below the band's lower edge (6 ms).
+  p = _proposal([0.9, 0.8], [0.0, 0.0], [9.0, 5.0])
+  assert choose(judges.Judge(), p, np.full(2, np.nan), 10.0, floor_ms=6.0)[0] == 0
+  # When every candidate overshoots, the best one per ms is still taken.
+  assert choose(judges.Judge(), p, np.full(2, np.nan), 10.0, floor_ms=9.5)[0] == 1
+
+
 def test_ttmpd_calibrates_at_spread_progress_levels():
   judge = judges.TTMPDJudge(calibration_iterations=3)
   v = np.array([0.5, 0.6, 0.7, 0.8])

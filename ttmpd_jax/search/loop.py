@@ -3,11 +3,18 @@
 ``search_step(run, state, variables)`` is one NetAdapt-style iteration (``docs/method.md``):
 
 1. *propose*: one candidate per channel group, sized by the latency model to save this
-   iteration's share, evaluated **with masks** (same shapes as the current network, so one
-   compiled evaluator serves every candidate) → ``v1``, ``v2`` per candidate;
-2. *fine-tune* the candidates the judge asks for (one compiled masked KD step serves them all);
+   iteration's share, evaluated **with masks** → ``v1``, ``v2`` per candidate;
+2. *fine-tune* the candidates the judge asks for;
 3. *choose* the candidate losing the least estimated accuracy per millisecond saved;
 4. *commit*: short-term fine-tune the chosen one (masked), then remove its channels for real.
+
+Design choice: candidate work happens in a teacher-shaped :class:`Workspace` — the current
+network embedded into the teacher's shapes (``surgery.embed_channels``) with every channel removed
+so far masked off — so the evaluator and the KD steps compile **once per search**, not once per
+iteration (the masking law makes this exact). On CPU a compilation of a small ResNet costs seconds,
+more than ten short-term KD steps; compiling per architecture made every method's iteration cost
+mostly compilation and hid the difference between fine-tuning one candidate and fine-tuning all.
+The price: masked work runs at the teacher's width, at most ``1 / latency_target`` times the cost.
 
 What differs between methods is the :class:`~ttmpd_jax.search.judges.Judge`. The state is a
 :class:`~ttmpd_jax.search.state.SearchState`; the caller owns the loop (``methods.py``).
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Optional
 
@@ -31,7 +39,9 @@ from ttmpd_jax.pruning.surgery import remove_channels
 from ttmpd_jax.search import state as state_lib
 from ttmpd_jax.search.candidates import Candidate, make_candidates, selection_score
 from ttmpd_jax.search.config import SearchConfig
-from ttmpd_jax.search.evaluation import CandidateKDRunner, KDRunner, make_candidate_evaluator
+from ttmpd_jax.pruning.surgery import embed_channels
+from ttmpd_jax.search.evaluation import (CandidateEvaluator, CandidateKDRunner, KDRunner,
+                                         make_candidate_evaluator)
 from ttmpd_jax.search.judges import Judge
 from ttmpd_jax.search.problem import Problem
 from ttmpd_jax.search.scoring import make_scorer
@@ -53,6 +63,62 @@ class Run:
   def online_teacher(self) -> Optional[tuple[Any, Any]]:
     return self.problem.teacher if self.config.kd == 'online' else None
 
+  @functools.cached_property
+  def workspace(self) -> 'Workspace':
+    return Workspace.create(self)
+
+
+@dataclasses.dataclass
+class Workspace:
+  """Teacher-shaped candidate work of one search: its groups, evaluator and KD runners (each
+  compiled on first use, then reused by every iteration)."""
+
+  groups: tuple
+  teacher: Any                              # Host variables: the shapes (and fillers) to embed.
+  evaluate: CandidateEvaluator
+  runner: Optional[KDRunner]                # The chosen candidate's short-term KD.
+  batched: Optional[CandidateKDRunner]      # The judge's candidates, mesh.size at a time.
+
+  @classmethod
+  def create(cls, run: 'Run') -> 'Workspace':
+    problem, config = run.problem, run.config
+    teacher = jax.device_get(problem.teacher_variables)
+    groups = tuple(discover_groups(problem.model, teacher, example_input(problem)))
+    evaluate = make_candidate_evaluator(problem.model, groups, problem.data)
+    runner = batched = None
+    if config.short_term_steps > 0:
+      kd = dict(learning_rate=config.short_term_lr, steps=config.short_term_steps,
+                batch_size=config.batch_size, temperature=config.temperature,
+                hard_weight=config.hard_weight, seed=config.seed,
+                online_teacher=run.online_teacher)
+      runner = KDRunner(problem.model, groups, problem.data, **kd)
+      batched = CandidateKDRunner(problem.model, groups, problem.data, mesh=evaluate.mesh, **kd)
+    return cls(groups, teacher, evaluate, runner, batched)
+
+  def removed_so_far(self, kept: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """Masks over the teacher's channels keeping the channels ``kept`` (SearchState.kept)."""
+    return {g.name: np.isin(np.arange(g.size), kept[g.name]) if g.name in kept
+            else np.ones(g.size, bool) for g in self.groups if g.prunable}
+
+  def lift(self, kept: dict[str, list[int]], masks: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Masks over the current network's channels → masks over the teacher's."""
+    out = self.removed_so_far(kept)
+    for name, mask in masks.items():
+      ids = np.flatnonzero(out[name])
+      out[name] = np.zeros_like(out[name])
+      out[name][ids[np.asarray(mask, bool)]] = True
+    return out
+
+  def embed(self, variables: Any, kept: dict[str, list[int]]) -> Any:
+    """The current (physically pruned) network at the teacher's shapes."""
+    return embed_channels(variables, self.teacher, self.groups, self.removed_so_far(kept))
+
+  def reseed(self, seed: int) -> None:
+    """This iteration's batch order (a host-side choice: nothing recompiles)."""
+    for runner in (self.runner, self.batched):
+      if runner is not None:
+        runner.seed = seed
+
 
 @dataclasses.dataclass
 class Proposal:
@@ -66,6 +132,8 @@ class Proposal:
   v2_current: float
   groups: tuple
   evaluate: Callable
+  embedded: Any = None               # The current network at the teacher's shapes.
+  lifted: Optional[list[dict[str, np.ndarray]]] = None   # ``masks`` over the teacher's channels.
 
 
 @contextlib.contextmanager
@@ -86,8 +154,12 @@ def requested_saving(config: SearchConfig, state: SearchState, k: int, current_m
   return min(config.r0 * state.l0_ms * config.decay ** (k - 1), current_ms - state.target_ms)
 
 
-def propose(run: Run, variables: Any, k: int, delta_ms: float) -> Optional[Proposal]:
-  """Candidates of iteration ``k`` and their two variables, or ``None`` when none can progress."""
+def propose(run: Run, variables: Any, k: int, delta_ms: float,
+            kept: Optional[dict[str, list[int]]] = None) -> Optional[Proposal]:
+  """Candidates of iteration ``k`` and their two variables, or ``None`` when none can progress.
+
+  ``kept``: the teacher channels the current network keeps (``SearchState.kept``; default all).
+  """
   problem, config = run.problem, run.config
   model = problem.model
   groups = tuple(discover_groups(model, variables, example_input(problem)))
@@ -98,21 +170,20 @@ def propose(run: Run, variables: Any, k: int, delta_ms: float) -> Optional[Propo
   scores = make_scorer(config.importance, model, groups, problem.data,
                        seed=config.seed + k)(variables)
   masks = [masks_remove_lowest(scores, groups, {c.group: c.removed}) for c in cands]
-  evaluate = make_candidate_evaluator(model, groups, problem.data)
-  v = evaluate.many(variables, [{}] + masks)   # The current network first (no mask).
+  kept = kept or {}
+  ws = run.workspace
+  embedded = ws.embed(jax.device_get(variables), kept)
+  lifted = [ws.lift(kept, m) for m in masks]
+  # The current network first (only the channels removed so far masked off).
+  v = ws.evaluate.many(embedded, [ws.removed_so_far(kept)] + lifted)
   return Proposal(cands, masks, v[1:, 0], v[1:, 1], float(v[0, 0]), float(v[0, 1]), groups,
-                  evaluate)
+                  ws.evaluate, embedded, lifted)
 
 
-def kd_runner(run: Run, groups: tuple, k: int) -> Optional[KDRunner]:
-  """One compiled masked KD step per iteration: serves every candidate and the chosen one."""
-  config = run.config
-  if config.short_term_steps <= 0:
-    return None
-  return KDRunner(run.problem.model, groups, run.problem.data, learning_rate=config.short_term_lr,
-                  steps=config.short_term_steps, batch_size=config.batch_size,
-                  temperature=config.temperature, hard_weight=config.hard_weight,
-                  seed=config.seed + k, online_teacher=run.online_teacher)
+def kd_runner(run: Run, k: int) -> Optional[KDRunner]:
+  """The search's one masked KD step (compiled once), batches ordered for iteration ``k``."""
+  run.workspace.reseed(run.config.seed + k)
+  return run.workspace.runner
 
 
 def finetune_candidates(run: Run, runner: Optional[KDRunner], variables: Any, p: Proposal,
@@ -120,32 +191,36 @@ def finetune_candidates(run: Run, runner: Optional[KDRunner], variables: Any, p:
   """Short-term KD of candidates ``which``; their real (held-out, pseudo-label) accuracies.
 
   The runs are ``runner``'s (same optimizer, loss and batches), spread over every device of the
-  evaluator's mesh ``mesh.size`` candidates at a time (``CandidateKDRunner``: one compiled step
-  per iteration whatever the number of candidates).
+  evaluator's mesh ``mesh.size`` candidates at a time (``CandidateKDRunner``). Fine-tuned
+  candidates are teacher-shaped (``p.embedded`` under ``p.lifted`` masks).
   """
+  del variables
   finetuned: dict[int, Any] = {}
   real = np.full(len(p.candidates), np.nan)
   if runner is None or not which:
     return finetuned, real
-  config = run.config
-  batched = CandidateKDRunner(
-      run.problem.model, p.groups, run.problem.data, learning_rate=config.short_term_lr,
-      steps=config.short_term_steps, batch_size=config.batch_size,
-      temperature=config.temperature, hard_weight=config.hard_weight, seed=runner.seed,
-      online_teacher=run.online_teacher, mesh=p.evaluate.mesh)
-  tuned = batched.run_many(variables, [p.masks[i] for i in which], config.short_term_steps)
+  tuned = run.workspace.batched.run_many(p.embedded, [p.lifted[i] for i in which],
+                                         run.config.short_term_steps)
   for i, variables_i in zip(which, tuned):
     finetuned[i] = variables_i
-    real[i] = p.evaluate(variables_i, p.masks[i])[0]
+    real[i] = p.evaluate(variables_i, p.lifted[i])[0]
   return finetuned, real
 
 
-def choose(judge: Judge, p: Proposal, real: np.ndarray,
-           current_ms: float) -> tuple[int, np.ndarray]:
-  """The candidate minimising (Â_current − Â_g) / (L_current − L_g); all estimates."""
+def choose(judge: Judge, p: Proposal, real: np.ndarray, current_ms: float,
+           floor_ms: float = 0.0) -> tuple[int, np.ndarray]:
+  """The candidate minimising (Â_current − Â_g) / (L_current − L_g); all estimates.
+
+  Candidates predicted below ``floor_ms`` (the lower edge of the target band) are passed over
+  while another candidate is not: per millisecond saved, a coarse step (8 of a 16-channel stem)
+  can look best and overshoot the band, which no later iteration can undo.
+  """
   accuracy, accuracy_cur = judge.estimate(p.v1, p.v2, real, p.v1_current, p.v2_current)
   predicted = np.array([c.predicted_ms for c in p.candidates])
   criterion = selection_score(accuracy_cur, accuracy, current_ms, predicted)
+  overshoot = predicted < floor_ms
+  if not overshoot.all():
+    criterion = np.where(overshoot, np.nan, criterion)
   return int(np.nanargmin(criterion)), accuracy
 
 
@@ -153,11 +228,12 @@ def commit(run: Run, runner: Optional[KDRunner], variables: Any, p: Proposal, be
            finetuned: dict[int, Any]) -> Any:
   """Fine-tunes the chosen candidate (masked; equal to pruned by the masking law), removes it."""
   source = finetuned.get(best)
+  if source is None and runner is None:
+    return remove_channels(jax.device_get(variables), p.groups, p.masks[best])
   if source is None:
-    source = variables if runner is None else runner.run(variables, p.masks[best],
-                                                         run.config.short_term_steps)
+    source = runner.run(p.embedded, p.lifted[best], run.config.short_term_steps)
   # Host numpy arrays: no eager device gathers, so no compilations.
-  return remove_channels(jax.device_get(source), p.groups, p.masks[best])
+  return remove_channels(jax.device_get(source), run.workspace.groups, p.lifted[best])
 
 
 def search_step(run: Run, state: SearchState, variables: Any) -> tuple[SearchState, Any]:
@@ -172,21 +248,22 @@ def search_step(run: Run, state: SearchState, variables: Any) -> tuple[SearchSta
   with counter:
     with _timed(times, 'search'):
       delta = requested_saving(run.config, state, k, current_ms)
-      p = propose(run, variables, k, delta)
+      p = propose(run, variables, k, delta, state.kept)
     if p is None:
       state.status = state_lib.STUCK
       state.message = (f'latency target unreachable: no channel group can save a tenth of the '
                        f'requested {delta:.2f} ms any more; stopping at {current_ms:.2f} ms '
                        f'predicted = {current_ms / state.l0_ms:.3f} of the teacher')
       return state, variables
-    runner = kd_runner(run, p.groups, k)
+    runner = kd_runner(run, k)
     progress = (state.l0_ms - current_ms) / max(state.l0_ms - state.target_ms, 1e-9)
     with _timed(times, 'short_term_ft'):
       finetuned, real = finetune_candidates(
           run, runner, variables, p, run.judge.to_finetune(k, progress, p.v1, p.v2))
     with _timed(times, 'search'):
       note = run.judge.learn(k, p.v1, p.v2, real)
-      best, accuracy = choose(run.judge, p, real, current_ms)
+      floor = state.target_ms * (1 - run.config.latency_tolerance)
+      best, accuracy = choose(run.judge, p, real, current_ms, floor)
     with _timed(times, 'short_term_ft' if best not in finetuned else 'search'):
       variables = commit(run, runner, variables, p, best, finetuned)
   if note:
