@@ -220,3 +220,21 @@ def test_resume_equals_uninterrupted(tmp_path, searched):
       [t['widths'] for t in full.details['trajectory']]
   for a, b in zip(jax.tree.leaves(resumed.variables), jax.tree.leaves(full.variables)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_final_measurement_disagreeing_with_the_search_is_decided_by_a_third(monkeypatch):
+  from ttmpd_jax.search import harness
+  from ttmpd_jax.search.measure import Measurement
+  config = SearchConfig(latency_target=0.6, latency_tolerance=0.03)
+  row = lambda r: {**Measurement(100.0, 100.0 * r, 0.01, 0.0, True, r).to_json(),
+                   'met_target': True}
+  pruned = methods_lib.Pruned(None, {}, [], True, '', [row(0.605)])
+  queue = []
+  monkeypatch.setattr(harness, 'measure_network',
+                      lambda *a: Measurement(100.0, 100.0 * queue[0], 0.01, 0.0, True,
+                                             queue.pop(0)))
+  queue[:] = [0.600]   # Agrees with the search: one measurement.
+  assert harness.confirmed_measurement(None, None, pruned, config, print).ratio == 0.600
+  queue[:] = [0.662, 0.612]   # A transient slowdown: the median of three is reported.
+  assert harness.confirmed_measurement(None, None, pruned, config, print).ratio == 0.612
+  assert not queue

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 
 from ttmpd_jax.latency import protocol
 
@@ -24,22 +25,31 @@ Log = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
+  """Medians of the two timings, and the ratio as the median of *per-round* ratios.
+
+  Design choice: each round times the teacher and the network back to back, so a round's ratio
+  cancels whatever slowed both (a busy neighbour, frequency changes); the ratio of the two
+  medians does not, and on a 2-core VM it moved by 8% between two measurements of one network.
+  ``spread`` is the relative IQR of the per-round ratios.
+  """
+
   teacher_ms: float
   model_ms: float
-  spread: float                 # Largest relative IQR of the two timings.
+  spread: float                 # Relative IQR of the per-round ratios.
   load: Optional[float]         # Share of the CPUs other processes took while measuring.
   reliable: bool
+  paired_ratio: Optional[float] = None   # Median per-round ratio (None: ratio of the medians).
 
   @property
   def ratio(self) -> float:
-    return self.model_ms / self.teacher_ms
+    return self.model_ms / self.teacher_ms if self.paired_ratio is None else self.paired_ratio
 
   def to_json(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), 'ratio': self.ratio}
 
 
 def measure_against_teacher(teacher: tuple[Any, Any], model: tuple[Any, Any], batch: int,
-                            image_shape: tuple[int, ...], *, repeats: int = 15,
+                            image_shape: tuple[int, ...], *, repeats: int = 21,
                             attempts: int = 3, max_spread: float = 0.1, max_load: float = 0.15,
                             log: Log = print) -> Measurement:
   """Teacher and ``model`` (each ``(module, variables)``) timed together at ``batch``.
@@ -67,9 +77,11 @@ def _measure(teacher: tuple[Any, Any], model: tuple[Any, Any], batch: int,
       t, m = protocol.measure_models([teacher, model], (batch, *image_shape), repeats=repeats,
                                      warmup=2)
     load = None if monitor.foreign_load is None else round(monitor.foreign_load, 2)
-    spread = max(t.relative_spread, m.relative_spread)
+    ratios = np.asarray(m.times_ms) / np.asarray(t.times_ms)
+    ratio = float(np.median(ratios))
+    spread = float(np.subtract(*np.percentile(ratios, [75, 25]))) / ratio
     reliable = spread <= max_spread and (load is None or load <= max_load)
-    result = Measurement(t.median_ms, m.median_ms, spread, load, reliable)
+    result = Measurement(t.median_ms, m.median_ms, spread, load, reliable, ratio)
     if reliable:
       return result
     log(f'  latency measurement {attempt + 1}/{attempts} unreliable (other processes took '
@@ -84,7 +96,7 @@ def within(ratio: float, target: float, tolerance: float) -> bool:
   return target * (1 - tolerance) <= ratio <= target * (1 + tolerance)
 
 
-def corrected_target_ms(measured: Measurement, predicted_ms: float, l0_ms: float,
+def corrected_target_ms(measured_ratio: float, predicted_ms: float, l0_ms: float,
                         target: float) -> float:
   """The predicted-ms target that, at the local measured/predicted ratio, meets ``target``.
 
@@ -92,5 +104,5 @@ def corrected_target_ms(measured: Measurement, predicted_ms: float, l0_ms: float
   network just measured; the search then aims at ``target / c`` of the predicted teacher latency.
   Local (it uses the latest measurement only), so it tracks where the predictor is wrong now.
   """
-  c = measured.ratio / max(predicted_ms / l0_ms, 1e-9)
+  c = measured_ratio / max(predicted_ms / l0_ms, 1e-9)
   return target / max(c, 1e-9) * l0_ms

@@ -147,7 +147,8 @@ class IterativeMethod:
       return self._done(state, variables, _within(config, ratio), ratio)
     if ratio > _upper(config):   # Too slow, target reached as predicted: aim lower.
       state.corrections += 1
-      state.target_ms = predicted * config.latency_target / ratio
+      state.target_ms = measure.corrected_target_ms(ratio, predicted, state.l0_ms,
+                                                    config.latency_target)
       state.status = state_lib.SEARCHING
       return variables
     keys = sorted(snapshots)
@@ -194,7 +195,7 @@ def _upper(config: SearchConfig) -> float:
 
 
 def _within(config: SearchConfig, ratio: float) -> bool:
-  return _lower(config) <= ratio <= _upper(config)
+  return measure.within(ratio, config.latency_target, config.latency_tolerance)
 
 
 def _measure_into(run: Run, state: SearchState, variables: Any, iteration: int) -> float:
@@ -251,7 +252,7 @@ class OneShotMethod:
       log(f'[{name}] measured {m.ratio:.3f} of the teacher (predicted {predicted / l0:.3f})')
       if met:
         break
-      target_ms = measure.corrected_target_ms(m, predicted, l0, config.latency_target)
+      target_ms = measure.corrected_target_ms(m.ratio, predicted, l0, config.latency_target)
     reached = measurements[-1]['met_target'] if measurements else predicted <= target_ms
     measured = (f'; its network measured {measurements[-1]["ratio"]:.3f} of the teacher'
                 if measurements else '')
