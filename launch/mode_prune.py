@@ -115,7 +115,8 @@ class config_errors_as_flags:  # pylint: disable=invalid-name
 def run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -> str:
   """Identity of one method run: what determines its result (the resume key)."""
   data = json.dumps({'method': method, 'config': config.to_json(), 'dataset': dataset,
-                     'source': source_path, 'latency_batch': FLAGS.latency_batch},
+                     'source': source_path, 'latency_batch': FLAGS.latency_batch,
+                     'version': harness.RESULT_VERSION},
                     sort_keys=True)
   return hashlib.sha256(data.encode()).hexdigest()[:12]
 

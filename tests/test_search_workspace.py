@@ -98,3 +98,36 @@ def test_workspace_compiles_once_for_every_architecture():
   assert counts[0] >= 1 and counts[1:] == [0, 0], counts
   sizes = lambda v: [g.size for g in pruning.discover_groups(model, v, x) if g.prunable]
   assert sizes(variables) != sizes(teacher) == [g.size for g in groups if g.prunable]
+
+
+class _ChannelLatency:
+  """Predicted ms = kept channels: monotone in every group."""
+
+  def __init__(self, full):
+    self.full = dict(full)
+
+  def predict(self, widths=None):
+    return float(sum({**self.full, **dict(widths or {})}.values()))
+
+
+def test_a_biased_latency_model_is_corrected_by_measurement(monkeypatch):
+  from ttmpd_jax.models.common import widths_from_variables
+  from ttmpd_jax.search import methods
+  from ttmpd_jax.search.measure import Measurement
+  model, teacher, data, run = _setup()
+  latency = _ChannelLatency(widths_from_variables(teacher))
+  problem = Problem(model, teacher, teacher, (8, 8, 1), None, None, data, latency, 64, 0.0)
+  l0 = latency.predict()
+  # The device runs every pruned network 15% slower than predicted (relative to the teacher).
+  fake = lambda problem, variables, log: (lambda r: Measurement(100.0, 100 * r, 0.01, 0.0, True,
+                                                                r))(
+      min(1.0, 1.15 * latency.predict(widths_from_variables(variables)) / l0))
+  monkeypatch.setattr(methods, 'measure_network', fake)
+  config = SearchConfig(latency_target=0.6, latency_tolerance=0.03, r0=0.05, round_to=1,
+                        short_term_steps=1, batch_size=8, bn_batches=2, bn_batch_size=16,
+                        measure_rounds=4)
+  pruned = methods.METHODS.get('eagleeye').prune(problem, config, name='eagleeye',
+                                                 log=lambda s: None)
+  final = fake(problem, pruned.variables, None).ratio
+  assert pruned.reached_target and abs(final - 0.6) <= 0.6 * 0.03, (final, pruned.measurements)
+  assert len(pruned.measurements) >= 2   # The first measurement missed: it had to correct.

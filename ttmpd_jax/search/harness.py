@@ -25,6 +25,11 @@ from ttmpd_jax.search.problem import Problem
 from ttmpd_jax.search.proxy import AccuracyModel, spearman
 from ttmpd_jax.search.state import IterationStore
 
+# Bumped whenever a change alters what a method returns for the same inputs (search, measurement,
+# fine-tuning): part of every run's identity, so a resumed benchmark never mixes rows computed by
+# different versions of the method.
+RESULT_VERSION = 2
+
 Log = Callable[[str], None]
 
 

@@ -130,22 +130,27 @@ class IterativeMethod:
     Too slow: the predicted target is corrected by the local measured/predicted ratio and the
     search goes on. Too fast: the trajectory is bisected *by measurement* for the last network
     not too fast; inside the band it is taken, otherwise the search restarts from it aiming
-    between it and its successor (interpolated in predicted ms). A bracket already tried, or
-    ``measure_rounds`` settles, end the search (the report then says the target was missed).
+    between it and its successor (interpolated in predicted ms). While corrections remain, a
+    network is accepted only inside the band narrowed by ``NOISE_MARGIN`` (a measurement at the
+    band's edge may fall outside when measured again); when they run out (``measure_rounds``) or
+    a bracket was already tried, the measured network closest to the target is taken and judged
+    against the full band.
     """
     config, problem = run.config, run.problem
     predicted = problem.latency.predict(widths_from_variables(variables))
     if state.status == state_lib.SEARCHING:   # max_iterations hit before the target.
       state.message = (f'stopped after max_iterations={config.max_iterations} at {predicted:.2f} '
                        f'ms predicted = {predicted / state.l0_ms:.3f} of the teacher')
-    if config.measure_rounds == 0 or len(state.stepped_back) + state.corrections >= \
-        config.measure_rounds + 1:
+    if config.measure_rounds == 0:
       state.status = state_lib.DONE
       return variables
     ratio = _measure_into(run, state, variables, state.iteration)
-    if _within(config, ratio) or (ratio > _upper(config) and state.status != state_lib.REACHED):
+    if _within(config, ratio, NOISE_MARGIN) or (ratio > config.latency_target and
+                                                state.status != state_lib.REACHED):
       return self._done(state, variables, _within(config, ratio), ratio)
-    if ratio > _upper(config):   # Too slow, target reached as predicted: aim lower.
+    if len(state.stepped_back) + state.corrections >= config.measure_rounds:
+      return self._closest(run, state, snapshots, variables, ratio)
+    if ratio > config.latency_target:   # Too slow, target reached as predicted: aim lower.
       state.corrections += 1
       state.target_ms = measure.corrected_target_ms(ratio, predicted, state.l0_ms,
                                                     config.latency_target)
@@ -156,14 +161,14 @@ class IterativeMethod:
     while hi - lo > 1:
       mid = (lo + hi) // 2
       ratios[keys[mid]] = _measure_into(run, state, snapshots[keys[mid]][0], keys[mid])
-      if _within(config, ratios[keys[mid]]):
+      if _within(config, ratios[keys[mid]], NOISE_MARGIN):
         variables, state.kept = snapshots[keys[mid]][0], dict(snapshots[keys[mid]][1])
         run.log(f'[{state.method}] taking the network of iteration {keys[mid]}')
         return self._done(state, variables, True, ratios[keys[mid]])
-      lo, hi = (lo, mid) if ratios[keys[mid]] < _lower(config) else (mid, hi)
+      lo, hi = (lo, mid) if ratios[keys[mid]] < config.latency_target else (mid, hi)
     back = keys[lo]
     if back in state.stepped_back:   # Channel steps too coarse to land in the band.
-      return self._done(state, variables, False, ratio)
+      return self._closest(run, state, snapshots, variables, ratio)
     state.stepped_back.append(back)
     p_lo, p_hi = (problem.latency.predict(widths_from_variables(snapshots[k][0]))
                   for k in (keys[lo], keys[hi]))
@@ -176,6 +181,20 @@ class IterativeMethod:
     state.status = state_lib.SEARCHING
     return variables
 
+  def _closest(self, run: Run, state: SearchState, snapshots: dict, variables: Any,
+               ratio: float) -> Any:
+    """Ends with the measured network closest to the target (judged against the full band)."""
+    config = run.config
+    measured = [m for m in state.measurements if m.get('iteration') in snapshots]
+    if not measured:   # Resumed past the measurements: only the current network is known.
+      return self._done(state, variables, _within(config, ratio), ratio)
+    best = min(measured, key=lambda m: abs(m['ratio'] - config.latency_target))
+    variables, state.kept = snapshots[best['iteration']][0], dict(
+        snapshots[best['iteration']][1])
+    run.log(f'[{state.method}] taking the network of iteration {best["iteration"]}, the closest '
+            f'to the target as measured ({best["ratio"]:.3f})')
+    return self._done(state, variables, _within(config, best['ratio']), best['ratio'])
+
   @staticmethod
   def _done(state: SearchState, variables: Any, met: bool, ratio: float) -> Any:
     state.status, state.met_target = state_lib.DONE, met
@@ -186,16 +205,15 @@ class IterativeMethod:
     return variables
 
 
-def _lower(config: SearchConfig) -> float:
-  return config.latency_target * (1 - config.latency_tolerance)
+# Part of the tolerance kept free while the search can still correct: the ratio of one network
+# measured twice differs by about 1% of the target (median of per-round ratios, 2-core CPU).
+NOISE_MARGIN = 0.01
 
 
-def _upper(config: SearchConfig) -> float:
-  return config.latency_target * (1 + config.latency_tolerance)
-
-
-def _within(config: SearchConfig, ratio: float) -> bool:
-  return measure.within(ratio, config.latency_target, config.latency_tolerance)
+def _within(config: SearchConfig, ratio: float, margin: float = 0.0) -> bool:
+  """Inside ``latency_target ± (latency_tolerance − margin)`` (relative)."""
+  return measure.within(ratio, config.latency_target, max(config.latency_tolerance - margin,
+                                                           config.latency_tolerance / 3))
 
 
 def _measure_into(run: Run, state: SearchState, variables: Any, iteration: int) -> float:

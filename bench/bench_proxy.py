@@ -1,0 +1,147 @@
+"""Does TT-MPD's second variable help rank candidates? Ground truth from a benchmark report.
+
+NetAdapt fine-tunes every candidate of every iteration, so each of its runs in a benchmark
+``report.json`` holds, per iteration, whole candidate sets with ``(v1, v2, real short-term
+accuracy)``. This script measures, within each iteration, the Spearman correlation with the real
+accuracies of
+
+* every mix of the two variables, ``cos θ · z(v1) + sin θ · z(−KL)`` (``z``: standardised within
+  the iteration; θ = 0 is v1 alone, θ = 90° the KL alone) — the best any linear Â could do;
+* TT-MPD's Â as each TT-MPD run fitted it (``proxy_spearman_ground_truth`` of its row);
+
+and reports the median over iterations with a bootstrap 95% CI (iterations resampled), as JSON
+and a plot. Reads a report, measures nothing: seconds of work.
+
+    python bench/bench_proxy.py --report bench/results/benchmark_grid_report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from ttmpd_jax.search.proxy import spearman  # pylint: disable=wrong-import-position
+
+ANGLES = np.linspace(0.0, 90.0, 19)
+
+
+def iteration_sets(report: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+  """Per NetAdapt iteration with >= 4 fine-tuned candidates: z-scored v1, −KL, and real."""
+  out = []
+  for row in report['runs']:
+    if row['method'] != 'netadapt':
+      continue
+    by_iteration: dict[int, list[dict[str, Any]]] = {}
+    for c in row.get('candidates') or []:
+      if c.get('real') is not None:
+        by_iteration.setdefault(int(c['iteration']), []).append(c)
+    for rows in by_iteration.values():
+      if len(rows) < 4:
+        continue
+      z = lambda a: (a - a.mean()) / (a.std() or 1.0)
+      out.append({'v1': z(np.array([r['v1'] for r in rows])),
+                  'negkl': z(-np.array([r['v2'] for r in rows])),
+                  'real': np.array([r['real'] for r in rows]), 'cell': row['run_key']})
+  return out
+
+
+def median_ci(values: np.ndarray, rng: np.random.Generator, draws: int = 2000) -> tuple:
+  values = values[~np.isnan(values)]
+  if len(values) == 0:
+    return float('nan'), [float('nan'), float('nan')]
+  boot = np.median(rng.choice(values, (draws, len(values))), axis=1)
+  return float(np.median(values)), [float(np.percentile(boot, 2.5)),
+                                    float(np.percentile(boot, 97.5))]
+
+
+def analyse(report: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+  sets = iteration_sets(report)
+  rng = np.random.default_rng(seed)
+  curve = []
+  for angle in ANGLES:
+    t = np.deg2rad(angle)
+    rhos = np.array([spearman(np.cos(t) * s['v1'] + np.sin(t) * s['negkl'], s['real'])
+                     for s in sets])
+    median, ci = median_ci(rhos, rng)
+    curve.append({'angle_deg': float(angle), 'median': median, 'ci95': ci,
+                  'mean': float(np.nanmean(rhos)) if len(rhos) else float('nan')})
+  fitted = np.array([r['proxy_spearman_ground_truth']['ttmpd'] for r in report['runs']
+                     if r['method'] == 'ttmpd' and (r.get('proxy_spearman_ground_truth') or {})
+                     .get('ttmpd') is not None], float)
+  best = max(curve, key=lambda c: c['median'])
+  median, ci = median_ci(fitted, rng)
+  return {'iterations': len(sets), 'netadapt_runs': len({s['cell'] for s in sets}),
+          'candidates_per_iteration_median': float(np.median([len(s['real']) for s in sets]))
+          if sets else 0.0,
+          'curve': curve, 'v1': curve[0], 'v2': curve[-1], 'best_mix': best,
+          'ttmpd_fitted': {'runs': len(fitted), 'median_of_run_medians': median, 'ci95': ci}}
+
+
+def plot(result: dict[str, Any], path: str) -> str:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  curve = result['curve']
+  x = [c['angle_deg'] for c in curve]
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  ax.plot(x, [c['median'] for c in curve], 'o-', label='median over iterations')
+  ax.fill_between(x, [c['ci95'][0] for c in curve], [c['ci95'][1] for c in curve], alpha=0.2,
+                  label='bootstrap 95% CI')
+  fitted = result['ttmpd_fitted']
+  if fitted['runs']:
+    ax.axhline(fitted['median_of_run_medians'], color='C3', ls='--',
+               label=f'TT-MPD fitted Â ({fitted["runs"]} runs, median)')
+  ax.set_xlabel('weight angle θ: 0° = v1 (agreement) alone, 90° = KL alone')
+  ax.set_ylabel('within-iteration Spearman with real accuracy')
+  ax.set_title(f'{result["iterations"]} NetAdapt iterations, '
+               f'{result["candidates_per_iteration_median"]:.0f} candidates each (median)')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--report', default=os.path.join(ROOT, 'bench', 'results',
+                                                       'benchmark_grid_report.json'))
+  parser.add_argument('--out', default=None, help='default: <report>_proxy.json and .png')
+  args = parser.parse_args()
+  try:
+    with open(args.report) as f:
+      report = json.load(f)
+  except (OSError, ValueError) as error:
+    sys.exit(f'error: --report {args.report}: {error}; pass a benchmark report.json')
+  result = analyse(report)
+  if not result['iterations']:
+    sys.exit(f'error: --report {args.report} has no NetAdapt iteration with >= 4 fine-tuned '
+             'candidates; run --mode=benchmark with netadapt among --methods')
+  out = args.out or os.path.splitext(args.report)[0] + '_proxy.json'
+  result['plot'] = plot(result, os.path.splitext(out)[0] + '.png')
+  with open(out + '.tmp', 'w') as f:
+    json.dump(result, f, indent=1)
+  os.replace(out + '.tmp', out)
+  fmt = lambda c: f'{c["median"]:.2f} [{c["ci95"][0]:.2f}, {c["ci95"][1]:.2f}]'
+  print(f'{result["iterations"]} iterations of {result["netadapt_runs"]} NetAdapt runs; median '
+        'within-iteration Spearman with real accuracy (bootstrap 95% CI):')
+  print(f'  v1 alone            {fmt(result["v1"])}')
+  print(f'  KL alone            {fmt(result["v2"])}')
+  print(f'  best mix (θ={result["best_mix"]["angle_deg"]:.0f}°)    {fmt(result["best_mix"])}')
+  f = result['ttmpd_fitted']
+  print(f'  TT-MPD fitted Â     {f["median_of_run_medians"]:.2f} [{f["ci95"][0]:.2f}, '
+        f'{f["ci95"][1]:.2f}] ({f["runs"]} runs)')
+  print(f'wrote {out} and {result["plot"]}')
+
+
+if __name__ == '__main__':
+  main()

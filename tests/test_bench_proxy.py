@@ -1,0 +1,55 @@
+"""bench/bench_proxy.py: within-iteration ground truth of the accuracy proxy from a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'bench'))
+
+import bench_proxy  # pylint: disable=wrong-import-position
+
+
+def _report(real_of):
+  rng = np.random.default_rng(0)
+  runs = []
+  for cell in range(2):
+    candidates = []
+    for iteration in range(1, 5):
+      v1, v2 = rng.uniform(0.6, 0.9, 6), rng.uniform(0.1, 0.5, 6)
+      candidates += [{'iteration': iteration, 'v1': a, 'v2': b, 'real': real_of(a, b)}
+                     for a, b in zip(v1, v2)]
+    runs.append({'method': 'netadapt', 'run_key': f'k{cell}', 'candidates': candidates})
+    runs.append({'method': 'ttmpd', 'run_key': f't{cell}',
+                 'proxy_spearman_ground_truth': {'ttmpd': 0.5}})
+  return {'runs': runs}
+
+
+def test_ranks_by_the_variable_that_determines_accuracy():
+  by_v1 = bench_proxy.analyse(_report(lambda a, b: a))
+  assert by_v1['iterations'] == 8 and by_v1['netadapt_runs'] == 2
+  assert by_v1['v1']['median'] == 1.0 and by_v1['v2']['median'] < 0.9
+  by_kl = bench_proxy.analyse(_report(lambda a, b: -b))
+  assert by_kl['v2']['median'] == 1.0 and by_kl['best_mix']['angle_deg'] > 45.0
+  both = bench_proxy.analyse(_report(lambda a, b: a - b))   # Both variables matter.
+  assert both['best_mix']['median'] > max(both['v1']['median'], both['v2']['median'])
+  assert both['ttmpd_fitted'] == {'runs': 2, 'median_of_run_medians': 0.5, 'ci95': [0.5, 0.5]}
+
+
+def test_cli_writes_json_and_plot_and_refuses_reports_without_netadapt(tmp_path):
+  report = tmp_path / 'report.json'
+  report.write_text(json.dumps(_report(lambda a, b: a)))
+  script = os.path.join(ROOT, 'bench', 'bench_proxy.py')
+  done = subprocess.run([sys.executable, script, '--report', str(report)], capture_output=True,
+                        text=True, check=True)
+  assert 'v1 alone            1.00' in done.stdout
+  assert (tmp_path / 'report_proxy.json').exists() and (tmp_path / 'report_proxy.png').exists()
+  report.write_text(json.dumps({'runs': []}))
+  bad = subprocess.run([sys.executable, script, '--report', str(report)], capture_output=True,
+                       text=True)
+  assert bad.returncode != 0 and 'Traceback' not in bad.stderr and '--report' in bad.stderr
