@@ -39,6 +39,19 @@ def test_summary_pairs_matched_cells_only():
   assert summary['netadapt']['time_ratio_to_netadapt_mean'] == pytest.approx(1.0)
 
 
+def test_summary_pools_every_model_in_an_all_row():
+  runs = [_row('netadapt', 'd1', 0, 0.80, 100.0), _row('ttmpd', 'd1', 0, 0.81, 40.0)]
+  runs += [{**_row('netadapt', 'd1', 0, 0.70, 200.0), 'model': 'n'},
+           {**_row('ttmpd', 'd1', 0, 0.73, 50.0), 'model': 'n'}]
+  summary = {(s['model'], s['method']): s for s in evidence.summarize(runs)}
+  assert summary['m', 'ttmpd']['n'] == 1 and summary['n', 'ttmpd']['n'] == 1
+  pooled = summary['all', 'ttmpd']
+  assert pooled['n'] == 2 and pooled['time_ratio_to_netadapt_mean'] == pytest.approx(0.325)
+  assert pooled['ttmpd_minus_netadapt_pp']['mean'] == pytest.approx(2.0)   # (+1 + 3) / 2 pp.
+  assert ('all', 'ttmpd') not in {(s['model'], s['method'])
+                                  for s in evidence.summarize(runs[:2])}
+
+
 def test_summary_table_and_plot(tmp_path):
   runs = [_row(m, d, s, 0.8 + 0.01 * s, 10.0 + s) for m in ('ttmpd', 'netadapt')
           for d in ('d1', 'd2') for s in (0, 1)]

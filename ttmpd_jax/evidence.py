@@ -41,17 +41,23 @@ def _by_cell(runs: Sequence[Mapping[str, Any]], method: str) -> dict[tuple, Mapp
   return {cell_of(r): r for r in runs if r['method'] == method}
 
 
+ALL = 'all'   # The pooled row of a grid with several models.
+
+
+def _of(runs: Sequence[Mapping[str, Any]], model: Any) -> list[Mapping[str, Any]]:
+  return list(runs) if model == ALL else [r for r in runs if r.get('model') == model]
+
+
 def _paired(runs, model, a: str, b: str) -> dict[str, Any]:
-  left = _by_cell([r for r in runs if r.get('model') == model], a)
-  right = _by_cell([r for r in runs if r.get('model') == model], b)
+  left, right = _by_cell(_of(runs, model), a), _by_cell(_of(runs, model), b)
   diffs = [100 * (left[c]['accuracy'] - right[c]['accuracy']) for c in left if c in right]
   mean, ci = mean_ci95(diffs)
   return {'n': len(diffs), 'mean': mean, 'ci95': ci}
 
 
 def _summary_row(runs, model: str, method: str) -> dict[str, Any]:
-  rows = [r for r in runs if r.get('model') == model and r['method'] == method]
-  netadapt = _by_cell([r for r in runs if r.get('model') == model], TIME_BASELINE)
+  rows = [r for r in _of(runs, model) if r['method'] == method]
+  netadapt = _by_cell(_of(runs, model), TIME_BASELINE)
   ratios = [r['prune_finetune_s'] / netadapt[cell_of(r)]['prune_finetune_s'] for r in rows
             if cell_of(r) in netadapt and netadapt[cell_of(r)]['prune_finetune_s'] > 0]
   out: dict[str, Any] = {'model': model, 'method': method, 'n': len(rows)}
@@ -70,10 +76,12 @@ def _summary_row(runs, model: str, method: str) -> dict[str, Any]:
 
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """One row per (model, method), plus the paired differences on the TT-MPD rows."""
+  """One row per (model, method), plus the paired differences on the TT-MPD rows; with several
+  models, rows of model ``'all'`` pool every cell of the grid."""
   summary = []
-  for model in sorted({r.get('model') for r in runs}, key=str):
-    methods = list(dict.fromkeys(r['method'] for r in runs if r.get('model') == model))
+  models = sorted({r.get('model') for r in runs}, key=str)
+  for model in models + ([ALL] if len(models) > 1 else []):
+    methods = list(dict.fromkeys(r['method'] for r in _of(runs, model)))
     for method in methods:
       row = _summary_row(runs, model, method)
       for a, b in PAIRS:
