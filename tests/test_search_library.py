@@ -222,19 +222,22 @@ def test_resume_equals_uninterrupted(tmp_path, searched):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_a_final_measurement_disagreeing_with_the_search_is_decided_by_a_third(monkeypatch):
+def test_the_final_network_pools_its_measurements_and_a_spread_asks_for_one_more(monkeypatch):
   from ttmpd_jax.search import harness
   from ttmpd_jax.search.measure import Measurement
   config = SearchConfig(latency_target=0.6, latency_tolerance=0.03)
-  row = lambda r: {**Measurement(100.0, 100.0 * r, 0.01, 0.0, True, r).to_json(),
-                   'met_target': True}
-  pruned = methods_lib.Pruned(None, {}, [], True, '', [row(0.605)])
+  row = lambda r, widths: {**Measurement(100.0, 100.0 * r, 0.01, 0.0, True, r).to_json(),
+                           'met_target': True, 'widths': widths}
+  # The search measured another network (0.70) and then the final one (0.605).
+  pruned = methods_lib.Pruned(None, {}, [], True, '', [row(0.70, {'a': 8}), row(0.605, {'a': 4})])
   queue = []
+  monkeypatch.setattr(harness, 'widths_from_variables', lambda variables: {'a': 4})
   monkeypatch.setattr(harness, 'measure_network',
                       lambda *a: Measurement(100.0, 100.0 * queue[0], 0.01, 0.0, True,
                                              queue.pop(0)))
-  queue[:] = [0.600]   # Agrees with the search: one measurement.
-  assert harness.confirmed_measurement(None, None, pruned, config, print).ratio == 0.600
-  queue[:] = [0.662, 0.612]   # A transient slowdown: the median of three is reported.
+  queue[:] = [0.600]   # Agrees with the search: the two are pooled.
+  assert harness.confirmed_measurement(None, None, pruned, config, print).ratio == \
+      pytest.approx(0.6025)
+  queue[:] = [0.662, 0.612]   # Spread over more than the band: one more, then the median.
   assert harness.confirmed_measurement(None, None, pruned, config, print).ratio == 0.612
   assert not queue

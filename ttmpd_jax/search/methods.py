@@ -63,8 +63,11 @@ def measure_network(problem: Problem, variables: Any, log: Log) -> measure.Measu
 
 
 def _measurement_row(m: measure.Measurement, predicted_ms: float, l0_ms: float,
-                     **extra: Any) -> dict[str, Any]:
-  return {**m.to_json(), 'predicted_ratio': predicted_ms / l0_ms, **extra}
+                     widths: dict[str, int], **extra: Any) -> dict[str, Any]:
+  """A measurement as reported; ``widths`` name the measured network (the final report pools
+  every measurement of the network it ends with)."""
+  return {**m.to_json(), 'predicted_ratio': predicted_ms / l0_ms, 'widths': dict(widths),
+          **extra}
 
 
 def variables_of_widths(problem: Problem, widths: dict[str, int]) -> Any:
@@ -222,9 +225,10 @@ def _measure_into(run: Run, state: SearchState, variables: Any, iteration: int) 
   start = time.time()
   m = measure_network(problem, variables, run.log)
   state.times['measure'] = state.times.get('measure', 0.0) + time.time() - start
-  predicted = problem.latency.predict(widths_from_variables(variables))
+  widths = widths_from_variables(variables)
+  predicted = problem.latency.predict(widths)
   met = _within(config, m.ratio)
-  state.measurements.append(_measurement_row(m, predicted, state.l0_ms, met_target=met,
+  state.measurements.append(_measurement_row(m, predicted, state.l0_ms, widths, met_target=met,
                                              iteration=iteration))
   run.log(f'[{state.method}] network of iteration {iteration}: measured {m.ratio:.3f} of the '
           f'teacher ({m.model_ms:.2f} / {m.teacher_ms:.2f} ms), predicted '
@@ -266,7 +270,8 @@ class OneShotMethod:
       m = measure_network(problem, variables, log)
       measure_s += time.time() - t0
       met = measure.within(m.ratio, config.latency_target, config.latency_tolerance)
-      measurements.append(_measurement_row(m, predicted, l0, met_target=met, **extra))
+      measurements.append(_measurement_row(m, predicted, l0, widths_from_variables(variables),
+                                           met_target=met, **extra))
       log(f'[{name}] measured {m.ratio:.3f} of the teacher (predicted {predicted / l0:.3f})')
       if met:
         break
