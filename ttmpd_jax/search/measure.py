@@ -5,9 +5,9 @@ teacher and the network timed together (interleaved calls, ``latency.protocol``)
 load hits both alike and their *ratio* is robust where raw milliseconds are not. A measurement is
 *unreliable* when the host is busy — other processes took more than ``max_load`` of its CPUs
 while it ran (``protocol.CpuMonitor``: unlike the load average, our own threads do not count) —
-or when the repeats spread widely (interquartile range above ``max_spread`` of the median); it is
-then repeated up to ``attempts`` times and, if still unreliable, kept but flagged (and said
-loudly).
+or when the rounds spread widely (interquartile range of the per-round ratios above
+``max_spread`` of their median); it is then repeated up to ``attempts`` times and, if still
+unreliable, kept but flagged (and said loudly).
 """
 
 from __future__ import annotations
