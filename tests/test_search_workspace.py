@@ -4,7 +4,6 @@ from one iteration to the next."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -16,16 +15,7 @@ from ttmpd_jax.search.evaluation import KDRunner, SearchData, make_candidate_eva
 from ttmpd_jax.search.loop import Run
 from ttmpd_jax.search.problem import Problem, Resizable
 from ttmpd_jax.search.state import SearchState
-
-
-class Net(nn.Module):
-  @nn.compact
-  def __call__(self, x, train=False):
-    bn = lambda: nn.BatchNorm(use_running_average=not train)
-    x = nn.relu(bn()(nn.Conv(16, (3, 3))(x)))
-    x = nn.relu(x + bn()(nn.Conv(16, (3, 3))(x)))
-    x = nn.relu(bn()(nn.Conv(24, (3, 3), strides=2)(x)))
-    return nn.Dense(4)(x.mean(axis=(1, 2)))
+from tests.candidate_setup import Net
 
 
 def _setup():
