@@ -61,3 +61,33 @@ def test_summary_table_and_plot(tmp_path):
   assert '[' in rows[0][3]   # Accuracy with its interval.
   path = evidence.plot_grid(summary, str(tmp_path / 'grid.png'))
   assert os.path.getsize(path) > 1000
+
+
+def test_markdown_and_measurement_reproducibility():
+  text = evidence.markdown(['a', 'b'], [['1', 'x|y']])
+  assert text.splitlines() == ['| a | b |', '|---|---|', '| 1 | x/y |']
+  runs = [_row('ttmpd', 'd1', 0, 0.8, 10.0, latency_target=0.5, latency_ratio=0.51,
+               measurements=[{'ratio': 0.60, 'met_target': False},
+                             {'ratio': 0.50, 'met_target': True}]),
+          _row('netadapt', 'd1', 0, 0.8, 20.0, latency_target=0.5, latency_ratio=0.48,
+               measurements=[{'ratio': 0.49, 'met_target': True}]),
+          _row('teacher_bn', 'd1', 0, 0.9, 0.0, latency_target=1.0, latency_ratio=1.0)]
+  rep = evidence.reproducibility(runs)
+  assert rep['n'] == 2 and rep['max'] == pytest.approx(0.02) and rep['median'] == pytest.approx(
+      0.02)   # |0.51 - 0.50| / 0.5 and |0.48 - 0.49| / 0.5.
+  assert evidence.reproducibility(runs[2:]) == {'n': 0, 'median': None, 'max': None}
+
+
+def test_time_ratio_without_measuring():
+  runs = [_row('netadapt', 'd1', 0, 0.8, 100.0, time_s={'measure': 20.0}),
+          _row('ttmpd', 'd1', 0, 0.8, 60.0, time_s={'measure': 40.0})]
+  t = {s['method']: s for s in evidence.summarize(runs)}['ttmpd']
+  assert t['time_ratio_to_netadapt_mean'] == pytest.approx(0.6)
+  assert t['unmeasured_time_ratio_to_netadapt_mean'] == pytest.approx(0.25)   # 20 / 80.
+
+
+def test_every_method_is_paired_with_netadapt():
+  runs = [_row('netadapt', 'd1', 0, 0.80, 100.0), _row('eagleeye', 'd1', 0, 0.79, 30.0),
+          _row('netadapt', 'd2', 0, 0.70, 100.0), _row('eagleeye', 'd2', 0, 0.72, 30.0)]
+  e = {s['method']: s for s in evidence.summarize(runs)}['eagleeye']
+  assert e['minus_netadapt_pp']['n'] == 2 and e['minus_netadapt_pp']['mean'] == pytest.approx(0.5)

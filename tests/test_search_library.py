@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttmpd_jax.search import judges, methods as methods_lib, registry
+from ttmpd_jax.search import judges, methods as methods_lib, proxy as proxy_lib, registry
 from ttmpd_jax.search.config import ConfigError, SearchConfig
 from ttmpd_jax.search.loop import Proposal, choose
 from ttmpd_jax.search.proxy import AccuracyModel, spearman
@@ -241,3 +241,30 @@ def test_the_final_network_pools_its_measurements_and_a_spread_asks_for_one_more
   queue[:] = [0.662, 0.612]   # Spread over more than the band: one more, then the median.
   assert harness.confirmed_measurement(None, None, pruned, config, print).ratio == 0.612
   assert not queue
+
+
+def test_fitted_accuracy_model_speaks_accuracy_units_whatever_its_form():
+  rng = np.random.default_rng(2)
+  it = np.repeat([0, 1, 2], 6)
+  v1, v2 = rng.uniform(0.8, 0.95, 18), rng.uniform(0.1, 0.3, 18)
+  acc = 0.5 * v1 - 0.2 * v2 + 0.4
+  for form in ('v1', 'v2', 'equal', 'nnls'):
+    weights = proxy_lib._in_accuracy_units(  # pylint: disable=protected-access
+        proxy_lib.FORMS[form] if form != 'nnls' else np.array([0.3, 0.1]),
+        np.stack([v1 - v1.mean(), -(v2 - v2.mean())], 1), acc - acc.mean())
+    assert weights[0] >= 0 and weights[1] >= 0
+  model = AccuracyModel.fit(v1, v2, acc, groups=it)
+  # Whatever form won, Â is an accuracy: same mean and at most the real spread.
+  assert abs(model.predict(v1, v2).mean() - acc.mean()) < 1e-9
+  assert 0 < model.predict(v1, v2).std() <= acc.std() + 1e-9
+  assert np.all((model.predict(v1, v2) > 0.3) & (model.predict(v1, v2) < 1.0))
+
+
+def test_tied_forms_go_to_the_simplest():
+  # 4 candidates per iteration ranked the same way by both variables: every form ties.
+  v1 = np.array([0.80, 0.82, 0.84, 0.86, 0.70, 0.72, 0.74, 0.76])
+  v2 = np.array([0.40, 0.30, 0.20, 0.10, 0.60, 0.50, 0.40, 0.30])
+  acc = v1 + 0.01
+  model = AccuracyModel.fit(v1, v2, acc, groups=np.repeat([0, 1], 4))
+  assert len(set(model.cv.values())) == 1 and model.form == 'v1'
+  assert model.coef[2] == 0.0 and model.coef[1] > 0

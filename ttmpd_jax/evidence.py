@@ -60,11 +60,17 @@ def _summary_row(runs, model: str, method: str) -> dict[str, Any]:
   netadapt = _by_cell(_of(runs, model), TIME_BASELINE)
   ratios = [r['prune_finetune_s'] / netadapt[cell_of(r)]['prune_finetune_s'] for r in rows
             if cell_of(r) in netadapt and netadapt[cell_of(r)]['prune_finetune_s'] > 0]
+  # The same ratio without latency measurements: how many a method needs to land in the band
+  # is partly luck (a network near an edge is measured again), the search and fine-tuning not.
+  unmeasured = lambda r: r['prune_finetune_s'] - (r.get('time_s') or {}).get('measure', 0.0)
+  search_ratios = [unmeasured(r) / unmeasured(netadapt[cell_of(r)]) for r in rows
+                   if cell_of(r) in netadapt and unmeasured(netadapt[cell_of(r)]) > 0]
   out: dict[str, Any] = {'model': model, 'method': method, 'n': len(rows)}
   for key, values in (('accuracy', [r['accuracy'] for r in rows]),
                       ('latency_ratio', [r['latency_ratio'] for r in rows]),
                       ('prune_finetune_s', [r['prune_finetune_s'] for r in rows]),
-                      ('time_ratio_to_netadapt', ratios)):
+                      ('time_ratio_to_netadapt', ratios),
+                      ('unmeasured_time_ratio_to_netadapt', search_ratios)):
     out[f'{key}_mean'], out[f'{key}_ci95'] = mean_ci95(values)
   out['met_target'] = sum(bool(r.get('met_target', True)) for r in rows)
   out['distinct_architectures'] = len({tuple(sorted(r['widths'].items())) for r in rows})
@@ -87,6 +93,8 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
       for a, b in PAIRS:
         if method == a:
           row[f'{a}_minus_{b}_pp'] = _paired(runs, model, a, b)
+      if method != TIME_BASELINE:   # Every method against the baseline, for the paired plot.
+        row[f'minus_{TIME_BASELINE}_pp'] = _paired(runs, model, method, TIME_BASELINE)
       summary.append(row)
   return summary
 
@@ -103,43 +111,84 @@ def _fmt_ci(mean: Optional[float], ci: Optional[list[float]], scale: float = 1.0
 def summary_table(summary: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
   """Header and rows of the printed summary (accuracy in %, 95% CIs in brackets)."""
   header = ['model', 'method', 'n', 'accuracy %', 'latency ratio', 'met', 'prune+FT s',
-            'time / NetAdapt', 'archs', 'paired vs NetAdapt pp', 'paired vs EagleEye pp']
+            'time / NetAdapt', 'without measuring', 'archs', 'paired vs NetAdapt pp',
+            'paired vs EagleEye pp']
   rows = []
   for s in summary:
     pair = lambda key: _fmt_ci(s[key]['mean'], s[key]['ci95']) if key in s else ''
+    pruned = bool(s['prune_finetune_s_mean'])   # References (teacher_bn) take no pruning time.
     rows.append([str(s['model']), s['method'], str(s['n']),
                  _fmt_ci(s['accuracy_mean'], s['accuracy_ci95'], 100),
                  _fmt_ci(s['latency_ratio_mean'], s['latency_ratio_ci95'], 1, 3),
                  f'{s["met_target"]}/{s["n"]}',
-                 _fmt_ci(s['prune_finetune_s_mean'], s['prune_finetune_s_ci95'], 1, 0),
-                 _fmt_ci(s['time_ratio_to_netadapt_mean'], s['time_ratio_to_netadapt_ci95']),
+                 _fmt_ci(s['prune_finetune_s_mean'], s['prune_finetune_s_ci95'], 1, 0)
+                 if pruned else '-',
+                 _fmt_ci(s['time_ratio_to_netadapt_mean'], s['time_ratio_to_netadapt_ci95'])
+                 if pruned else '-',
+                 _fmt_ci(s['unmeasured_time_ratio_to_netadapt_mean'],
+                         s['unmeasured_time_ratio_to_netadapt_ci95']) if pruned else '-',
                  str(s['distinct_architectures']), pair('ttmpd_minus_netadapt_pp'),
                  pair('ttmpd_minus_eagleeye_pp')])
   return header, rows
 
 
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """A GitHub-flavoured markdown table (the README's results section is generated with it)."""
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(str(c).replace('|', '/') for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def reproducibility(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """How far the final measurement of a network lies from the search's last in-band measurement
+  of it, as a fraction of the target (pruning methods only): the latency noise a reader should
+  allow for when comparing measured ratios."""
+  gaps = []
+  for r in runs:
+    inside = [m for m in r.get('measurements') or [] if m.get('met_target')]
+    if inside and r.get('latency_target', 1.0) < 1.0:
+      gaps.append(abs(r['latency_ratio'] - inside[-1]['ratio']) / r['latency_target'])
+  if not gaps:
+    return {'n': 0, 'median': None, 'max': None}
+  return {'n': len(gaps), 'median': float(np.median(gaps)), 'max': float(np.max(gaps))}
+
+
 def plot_grid(summary: Sequence[Mapping[str, Any]], path: str, title: str = '') -> str:
-  """Accuracy vs prune+fine-tune time, error bars = 95% CIs, one point per (model, method)."""
+  """One column per model. Top: accuracy vs prune + fine-tune time, error bars = 95% CIs, one
+  point per method. Bottom: the same *paired* with NetAdapt on matched cells — accuracy minus
+  NetAdapt's (pp) vs time / NetAdapt's — where shift-to-shift spread cancels."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   from ttmpd_jax.report import MARKERS, save_png
   models = sorted({s['model'] for s in summary}, key=str)
-  fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-  for ax, model in zip(axes[0], models):
+  fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 9), squeeze=False)
+  err = lambda mean, ci, k=1.0: None if ci is None else [[k * (mean - ci[0])],
+                                                         [k * (ci[1] - mean)]]
+  for column, model in enumerate(models):
+    top, bottom = axes[0][column], axes[1][column]
     for s in (s for s in summary if s['model'] == model and s['prune_finetune_s_mean']):
       marker, color = MARKERS.get(s['method'], ('o', 'black'))
-      err = lambda mean, ci, k=1.0: None if ci is None else [[k * (mean - ci[0])],
-                                                             [k * (ci[1] - mean)]]
-      ax.errorbar(s['prune_finetune_s_mean'], 100 * s['accuracy_mean'],
-                  xerr=err(s['prune_finetune_s_mean'], s['prune_finetune_s_ci95']),
-                  yerr=err(s['accuracy_mean'], s['accuracy_ci95'], 100), fmt=marker,
-                  color=color, capsize=3, label=f'{s["method"]} (n={s["n"]})')
-    ax.set_xlabel('prune + fine-tune time (s)')
-    ax.set_ylabel('accuracy on the shifted test set (%)')
-    ax.set_title(str(model))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+      top.errorbar(s['prune_finetune_s_mean'], 100 * s['accuracy_mean'],
+                   xerr=err(s['prune_finetune_s_mean'], s['prune_finetune_s_ci95']),
+                   yerr=err(s['accuracy_mean'], s['accuracy_ci95'], 100), fmt=marker,
+                   color=color, capsize=3, label=f'{s["method"]} (n={s["n"]})')
+      paired = s.get(f'minus_{TIME_BASELINE}_pp') or {'mean': 0.0, 'ci95': None}
+      if paired['mean'] is not None and s['time_ratio_to_netadapt_mean'] is not None:
+        bottom.errorbar(s['time_ratio_to_netadapt_mean'], paired['mean'],
+                        xerr=err(s['time_ratio_to_netadapt_mean'],
+                                 s['time_ratio_to_netadapt_ci95']),
+                        yerr=err(paired['mean'], paired['ci95']), fmt=marker, color=color,
+                        capsize=3, label=s['method'])
+    top.set_xlabel('prune + fine-tune time (s)')
+    top.set_ylabel('accuracy on the shifted test set (%)')
+    top.set_title(str(model))
+    bottom.axhline(0.0, color='gray', lw=0.8)
+    bottom.set_xlabel(f'prune + fine-tune time / {TIME_BASELINE} (same cell)')
+    bottom.set_ylabel(f'accuracy − {TIME_BASELINE} (pp, same cell)')
+    for ax in (top, bottom):
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8)
   if title:
     fig.suptitle(title)
   return save_png(fig, path)
