@@ -268,3 +268,24 @@ def test_tied_forms_go_to_the_simplest():
   model = AccuracyModel.fit(v1, v2, acc, groups=np.repeat([0, 1], 4))
   assert len(set(model.cv.values())) == 1 and model.form == 'v1'
   assert model.coef[2] == 0.0 and model.coef[1] > 0
+
+
+def test_one_shot_methods_end_on_the_allocation_measured_closest_to_the_target(monkeypatch):
+  from ttmpd_jax.models.common import widths_from_variables
+  from ttmpd_jax.search.measure import Measurement
+  config = dataclasses.replace(_CONFIG, measure_rounds=3, latency_tolerance=0.03)
+  problem = _problem(config)
+  ratios = [0.70, 0.64, 0.52, 0.67]   # None in 0.6 ± 3%; 0.64 is the closest.
+  seen = []
+
+  def fake(problem, variables, log):
+    seen.append(widths_from_variables(variables))
+    r = ratios[len(seen) - 1]
+    return Measurement(100.0, 100.0 * r, 0.01, 0.0, True, r)
+  monkeypatch.setattr(methods_lib, 'measure_network', fake)
+  lines = []
+  pruned = methods_lib.METHODS.get('uniform').prune(problem, config, name='uniform',
+                                                    log=lines.append)
+  assert len(seen) == 4 and not pruned.reached_target
+  assert widths_from_variables(pruned.variables) == seen[1]
+  assert 'measured 0.640' in pruned.message and any('closest' in l for l in lines)

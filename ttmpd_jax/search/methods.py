@@ -11,7 +11,8 @@ returns a :class:`Pruned` network (before long-term fine-tuning):
 Every pruning method ends the same way: the network reaching the *predicted* target is measured
 against the teacher, and while the measured ratio misses ``latency_target ± latency_tolerance``
 the predicted target is corrected from the measurement and the method continues (or steps back)
-— at most ``measure_rounds`` times. Adding a method = one class (or one judge/allocator) and one
+— at most ``measure_rounds`` times (a one-shot method then ends on the allocation measured closest
+to the target). Adding a method = one class (or one judge/allocator) and one
 ``METHODS.register`` line.
 """
 
@@ -258,6 +259,7 @@ class OneShotMethod:
       groups = discover_groups(problem.model, teacher, example_input(problem))
       scores = make_scorer(self.criterion or config.importance, problem.model, groups,
                            problem.data, seed=config.seed)(teacher)
+    tried = []   # (measured ratio, variables, counts, extra) of every measured allocation.
     for _ in range(config.measure_rounds + 1):
       counts, extra = self.allocate(groups, scores, full, problem.latency.predict, target_ms,
                                     config.round_to)
@@ -272,13 +274,20 @@ class OneShotMethod:
       met = measure.within(m.ratio, config.latency_target, config.latency_tolerance)
       measurements.append(_measurement_row(m, predicted, l0, widths_from_variables(variables),
                                            met_target=met, **extra))
+      tried.append((m.ratio, variables, counts, extra))
       log(f'[{name}] measured {m.ratio:.3f} of the teacher (predicted {predicted / l0:.3f})')
       if met:
         break
       target_ms = measure.corrected_target_ms(m.ratio, predicted, l0, config.latency_target)
-    reached = measurements[-1]['met_target'] if measurements else predicted <= target_ms
-    measured = (f'; its network measured {measurements[-1]["ratio"]:.3f} of the teacher'
-                if measurements else '')
+    if tried and not measurements[-1]['met_target']:
+      # Corrections ran out: the allocation measured closest to the target, not the last one
+      # (an allocator moves in discrete jumps as the target is corrected).
+      ratio, variables, counts, extra = min(tried, key=lambda t: abs(t[0] - config.latency_target))
+      log(f'[{name}] taking the allocation measured closest to the target ({ratio:.3f})')
+    final = min(measurements, key=lambda m: abs(m['ratio'] - config.latency_target)) if (
+        measurements) else None
+    reached = final['met_target'] if final else predicted <= target_ms
+    measured = (f'; its network measured {final["ratio"]:.3f} of the teacher' if final else '')
     if reached:
       message = 'latency target reached'
     elif not extra.get('predicted_reached', True):
