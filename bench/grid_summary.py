@@ -1,9 +1,9 @@
 """Summary of a benchmark grid report, as the README shows it: reads, measures nothing.
 
 Recomputes the per-(model, method) summary from the report's rows of *complete* cells (every
-method finished: a partly finished grid is summarised on equal terms) and prints, as markdown: the cells done, the summary table with 95%
-confidence intervals, the runs that missed the measured latency band, and how reproducible the
-latency measurements were; ``--plot`` also draws accuracy vs prune + fine-tune time (the grid
+method finished: a partly finished grid is summarised on equal terms) and prints, as markdown:
+the cells done, the summary table with 95% confidence intervals, the runs that missed the
+measured latency band, and how reproducible the latency measurements were; ``--plot`` also draws accuracy vs prune + fine-tune time (the grid
 plot ``--mode=benchmark`` draws when the grid finishes).
 
     python bench/grid_summary.py --report bench/results/benchmark_grid_report.json \
@@ -36,11 +36,10 @@ def complete_runs(runs: list) -> list:
 
 
 def summary_markdown(report: dict) -> str:
-  runs = report['runs']
-  cells = {evidence.cell_of(r) for r in runs}
-  methods = {r['method'] for r in runs}
-  done = complete_cells(runs)
-  runs = complete_runs(runs)   # Methods compared on equal cells.
+  cells = {evidence.cell_of(r) for r in report['runs']}
+  methods = {r['method'] for r in report['runs']}
+  done = complete_cells(report['runs'])
+  runs = [r for r in report['runs'] if evidence.cell_of(r) in done]   # Compared on equal cells.
   header, rows = evidence.summary_table(evidence.summarize(runs))
   lines = [f'{len(done)} complete cells of {len(cells)} begun ({len({c[0] for c in cells})} '
            f'models, {len({c[1] for c in cells})} shifts, {len({c[2] for c in cells})} seeds, '

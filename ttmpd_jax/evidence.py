@@ -58,13 +58,13 @@ def _paired(runs, model, a: str, b: str) -> dict[str, Any]:
 def _summary_row(runs, model: str, method: str) -> dict[str, Any]:
   rows = [r for r in _of(runs, model) if r['method'] == method]
   netadapt = _by_cell(_of(runs, model), TIME_BASELINE)
-  ratios = [r['prune_finetune_s'] / netadapt[cell_of(r)]['prune_finetune_s'] for r in rows
-            if cell_of(r) in netadapt and netadapt[cell_of(r)]['prune_finetune_s'] > 0]
+  per_cell = lambda seconds: [seconds(r) / seconds(netadapt[cell_of(r)]) for r in rows
+                              if cell_of(r) in netadapt and seconds(netadapt[cell_of(r)]) > 0]
+  ratios = per_cell(lambda r: r['prune_finetune_s'])
   # The same ratio without latency measurements: how many a method needs to land in the band
   # is partly luck (a network near an edge is measured again), the search and fine-tuning not.
-  unmeasured = lambda r: r['prune_finetune_s'] - (r.get('time_s') or {}).get('measure', 0.0)
-  search_ratios = [unmeasured(r) / unmeasured(netadapt[cell_of(r)]) for r in rows
-                   if cell_of(r) in netadapt and unmeasured(netadapt[cell_of(r)]) > 0]
+  search_ratios = per_cell(lambda r: r['prune_finetune_s'] -
+                           (r.get('time_s') or {}).get('measure', 0.0))
   out: dict[str, Any] = {'model': model, 'method': method, 'n': len(rows)}
   for key, values in (('accuracy', [r['accuracy'] for r in rows]),
                       ('latency_ratio', [r['latency_ratio'] for r in rows]),

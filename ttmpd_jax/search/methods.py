@@ -259,7 +259,7 @@ class OneShotMethod:
       groups = discover_groups(problem.model, teacher, example_input(problem))
       scores = make_scorer(self.criterion or config.importance, problem.model, groups,
                            problem.data, seed=config.seed)(teacher)
-    tried = []   # (measured ratio, variables, counts, extra) of every measured allocation.
+    tried = []   # (variables, counts, extra) of each measured allocation, as measurements.
     for _ in range(config.measure_rounds + 1):
       counts, extra = self.allocate(groups, scores, full, problem.latency.predict, target_ms,
                                     config.round_to)
@@ -274,18 +274,22 @@ class OneShotMethod:
       met = measure.within(m.ratio, config.latency_target, config.latency_tolerance)
       measurements.append(_measurement_row(m, predicted, l0, widths_from_variables(variables),
                                            met_target=met, **extra))
-      tried.append((m.ratio, variables, counts, extra))
+      tried.append((variables, counts, extra))
       log(f'[{name}] measured {m.ratio:.3f} of the teacher (predicted {predicted / l0:.3f})')
       if met:
         break
       target_ms = measure.corrected_target_ms(m.ratio, predicted, l0, config.latency_target)
-    if tried and not measurements[-1]['met_target']:
-      # Corrections ran out: the allocation measured closest to the target, not the last one
-      # (an allocator moves in discrete jumps as the target is corrected).
-      ratio, variables, counts, extra = min(tried, key=lambda t: abs(t[0] - config.latency_target))
-      log(f'[{name}] taking the allocation measured closest to the target ({ratio:.3f})')
-    final = min(measurements, key=lambda m: abs(m['ratio'] - config.latency_target)) if (
-        measurements) else None
+    final = None
+    if measurements:
+      # The allocation measured closest to the target: the in-band one if any, else — the
+      # corrections ran out — not necessarily the last (an allocator moves in discrete jumps).
+      best = min(range(len(measurements)),
+                 key=lambda i: abs(measurements[i]['ratio'] - config.latency_target))
+      final = measurements[best]
+      if best != len(measurements) - 1:
+        variables, counts, extra = tried[best]
+        log(f'[{name}] taking the allocation measured closest to the target '
+            f'({final["ratio"]:.3f})')
     reached = final['met_target'] if final else predicted <= target_ms
     measured = (f'; its network measured {final["ratio"]:.3f} of the teacher' if final else '')
     if reached:

@@ -118,8 +118,8 @@ class AccuracyModel:
     on standardised features ``(v1, −v2)``. Four forms compete — v1 alone, v2 alone, equal
     weights, non-negative least squares — and the one with the best leave-one-iteration-out
     within-iteration Spearman wins, ties going to the simplest (``SIMPLICITY``); NNLS when
-    fewer than two iterations have ≥ 3 points. The
-    intercept maps Â back to accuracy units (overall means), for reporting only.
+    fewer than two iterations have ≥ 3 points. The weights are scaled to accuracy units and
+    the intercept maps Â back to the overall means, for reporting only.
     """
     v = np.stack([np.asarray(v1, float), -np.asarray(v2, float)], axis=1)
     y = np.asarray(accuracy, float)
