@@ -289,3 +289,21 @@ def test_one_shot_methods_end_on_the_allocation_measured_closest_to_the_target(m
   assert len(seen) == 4 and not pruned.reached_target
   assert widths_from_variables(pruned.variables) == seen[1]
   assert 'measured 0.640' in pruned.message and any('closest' in l for l in lines)
+
+
+def test_resumed_run_ending_on_another_student_keeps_the_old_fine_tuning(tmp_path, searched):
+  # An interrupted run's long-term fine-tuning is kept; a resumed run that ends on another
+  # network (a one-shot allocator measuring afresh) fine-tunes it without being refused.
+  from ttmpd_jax.search import harness
+  problem, full = searched
+  config = dataclasses.replace(_CONFIG, long_term_steps=2)
+  other = jax.tree.map(lambda a: a * 1.01, full.variables)
+  first = harness.long_term_dir(str(tmp_path), full.variables)
+  harness.long_term_finetune(problem, full.variables, config, first, lambda s: None)
+  assert harness.long_term_dir(str(tmp_path), full.variables) == first
+  second = harness.long_term_dir(str(tmp_path), other)
+  assert second != first
+  tuned, _ = harness.long_term_finetune(problem, other, config, second, lambda s: None)
+  assert jax.tree.structure(tuned) == jax.tree.structure(other)
+  assert sorted(p.name for p in (tmp_path / 'long_term').iterdir()) == sorted(
+      [first.rsplit('/', 1)[1], second.rsplit('/', 1)[1]])

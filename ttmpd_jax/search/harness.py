@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ttmpd_jax.distill import cache as cache_lib
 from ttmpd_jax.distill import finetune as finetune_lib
 from ttmpd_jax.models.common import widths_from_variables
 from ttmpd_jax.pruning.cost import count_cost
@@ -70,6 +71,17 @@ class MethodReport:
     row = dataclasses.asdict(self)
     row.update(row.pop('extra'))
     return {k: v for k, v in row.items() if v is not None or k == 'accuracy'}
+
+
+def long_term_dir(work_dir: str, student: Any) -> str:
+  """Resume folder of the long-term fine-tuning of ``student``, keyed by its weights.
+
+  Design choice: a method whose search ends on measurements (a one-shot allocator taking the
+  allocation measured closest to the target) can end on another network when an interrupted run
+  is resumed; its half-done fine-tuning then belongs to a different student. Keying the folder by
+  the student keeps that work on disk and lets the new student start, instead of refusing.
+  """
+  return os.path.join(work_dir, 'long_term', cache_lib.fingerprint_variables(student)[:16])
 
 
 def long_term_finetune(problem: Problem, variables: Any, config: SearchConfig,
@@ -153,7 +165,7 @@ def run_method(name: str, problem: Problem, config: SearchConfig, *,
       store.close()
   variables, long_s = pruned.variables, 0.0
   if method.prunes:
-    ckpt = os.path.join(work_dir, 'long_term') if work_dir else None
+    ckpt = long_term_dir(work_dir, variables) if work_dir else None
     variables, long_s = long_term_finetune(problem, variables, config, ckpt, log)
   times = {'pseudo_labels': problem.pseudo_labels_s, 'latency_table': problem.latency_table_s,
            'search': 0.0, 'short_term_ft': 0.0, 'measure': 0.0, **pruned.times,
