@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -212,6 +212,7 @@ def run_cell(ctx: common.Context, source: Any, problem: Any, method: str, config
     common.log(f'=== {method} ({config.kd} KD) on {name}: finished earlier, reusing its row ===')
     return finished[key]
   common.log(f'=== {method} ({config.kd} KD) on {name} ===')
+  start = time.time()
   work_dir = ctx.path('work', f'{method}_{config.kd}_{key}') if FLAGS.resume else None
   report, variables, pruned = harness.run_method(method, problem, config, work_dir=work_dir,
                                                  log=common.log)
@@ -223,6 +224,7 @@ def run_cell(ctx: common.Context, source: Any, problem: Any, method: str, config
   _trajectory_accuracy(row, pruned, source.model, problem.dataset)
   if METHODS.get(method).prunes:
     row['checkpoint'] = _save_model(ctx, source, method, config.kd, name, row, variables)
+  row['elapsed_s'] = time.time() - start   # Everything this row took (the grid's ETA).
   return row
 
 
@@ -279,16 +281,36 @@ def grid_seeds() -> list[int]:
 
 
 class Progress:
-  """Cells done, ETA and the running summary of a benchmark grid."""
+  """Cells done, ETA and the running summary of a benchmark grid.
 
-  def __init__(self, total: int):
-    self.total, self.done, self.start, self.computed = total, 0, time.time(), 0
+  Design choice: the ETA sums, over the cells left, the mean duration of the finished cells of
+  the same model (the sum of their rows' ``elapsed_s``; ``wall_s`` for rows written before that
+  was recorded), counting rows reused from an earlier process at the time they took then. Dividing
+  this process's time by the cells it finished would make a resumed grid look almost done: its
+  reused cells take seconds.
+  """
 
-  def cell_finished(self, runs: list[dict[str, Any]], recomputed: bool) -> None:
+  def __init__(self, cell_models: Sequence[str]):
+    self.cells, self.done = list(cell_models), 0
+    self.seconds: dict[str, list[float]] = {}
+
+  @property
+  def total(self) -> int:
+    return len(self.cells)
+
+  def eta(self) -> float:
+    """Seconds the cells left should take (NaN before any cell finished)."""
+    known = [s for values in self.seconds.values() for s in values]
+    if not known:
+      return float('nan')
+    return float(sum(np.mean(self.seconds.get(m) or known) for m in self.cells[self.done:]))
+
+  def cell_finished(self, runs: list[dict[str, Any]], cell_runs: list[dict[str, Any]]) -> None:
+    model = self.cells[self.done]
     self.done += 1
-    self.computed += int(recomputed)
-    rate = (time.time() - self.start) / max(self.computed, 1)
-    eta = rate * (self.total - self.done) if self.computed else float('nan')
+    self.seconds.setdefault(model, []).append(
+        sum(float(r.get('elapsed_s', r.get('wall_s', 0.0))) for r in cell_runs))
+    eta = self.eta()
     common.log(f'grid: {self.done}/{self.total} cells done, ETA '
                f'{train.format_seconds(eta) if eta == eta else "?"}')
     if self.total > 1:
@@ -341,7 +363,6 @@ def run(ctx: common.Context, mode: str) -> None:
   specs = grid_specs(ctx.clean_test_set().num_classes)
   report: dict[str, Any] = {'mode': mode, 'runs': [], 'latency_batch': FLAGS.latency_batch,
                             'flags': common.flag_values_for_report()}
-  progress = Progress(len(specs) * len(names) * len(seeds))
   models = []
   for spec in specs:
     source = ctx.source_model(spec) if spec is not None else ctx.source_model()
@@ -355,6 +376,7 @@ def run(ctx: common.Context, mode: str) -> None:
                f'{predictor.predict():.2f} ms at batch {FLAGS.latency_batch}')
     models.append((source, predictor, latency_s))
   # Seeds outermost: a grid stopped part-way holds every (model, shift) cell of its first seeds.
+  progress = Progress([source.spec.name for _ in seeds for source, _, _ in models for _ in names])
   for seed in seeds:
     for source, predictor, latency_s in models:
       for name in names:
@@ -373,8 +395,7 @@ def run(ctx: common.Context, mode: str) -> None:
             cross_check_proxy(report['runs'])
             report['summary'] = evidence.summarize(report['runs'])
             ctx.write_report(report)  # Each finished method is on disk before the next starts.
-        progress.cell_finished(report['runs'], recomputed=any(
-            r.get('run_key') not in finished for r in report['runs'][first:]))
+        progress.cell_finished(report['runs'], report['runs'][first:])
   _finish(ctx, report, source)
 
 
