@@ -18,6 +18,8 @@ a concatenation of a conv branch and a depthwise branch, a residual join, max po
    else): predicted saving vs measured saving (both relative to the network, timed in the same
    rounds), Spearman (goal >= 0.9), and its own noise floor (measured twice).
 4. Times ``predict`` (goal < 1 ms, no compilation).
+5. Side by side on the same measurements: the same table fitted without fusion regimes (every
+   unit one cost per feature, ``fusion_aware=False``): what reading the regimes buys.
 
 Writes ``bench/results/latency_validation_<platform>.json``. The CPU share other processes took
 during the measurements is recorded per model (``foreign_load``): CPU figures are only
@@ -118,7 +120,22 @@ def saving_check(predictor: LatencyPredictor, seed: int, round_to: int, repeats:
   measured = [1.0 - m.ratio for m in first]
   again = [1.0 - m.ratio for m in second]
   return (Validation(tuple(predicted), tuple(measured)), Validation(tuple(again), tuple(measured)),
-          [g for g, _ in cands], first + second, s.key_of(base))
+          [g for g, _ in cands], first + second, base, widths)
+
+
+def one_regime_figures(predictor: LatencyPredictor, archs, measured_ms, saving_base, saving_widths,
+                       saving_measured) -> dict:
+  """MAPE, Spearman and saving Spearman of the same table fitted without fusion regimes."""
+  plain = LatencyPredictor(predictor.structure, predictor.table, predictor.model,
+                           predictor.variables, predictor.round_to, log=lambda s: None,
+                           fusion_aware=False)
+  plain.refit()
+  result = Validation(tuple(plain.predict(w) for w in archs), tuple(measured_ms))
+  base = plain.predict(saving_base)
+  saving = Validation(tuple(1.0 - plain.predict(w) / base for w in saving_widths),
+                      tuple(saving_measured))
+  return {'mape': result.mape, 'spearman': result.spearman, 'saving_spearman': saving.spearman,
+          'predicted_ms': list(result.predicted), 'saving_predicted': list(saving.predicted)}
 
 
 def mean_load(measured) -> float:
@@ -164,12 +181,17 @@ def run_model(name: str, index: int, args, cache_dir: str, quiet) -> dict:
   print(f'  {name}: {result.summary()}')
   print(f'  measurement noise (the same architectures measured again): MAPE {noise.mape:.2f}%  '
         f'Spearman {noise.spearman:.3f}')
-  saving, saving_noise, groups, saving_measured, saving_base = saving_check(
+  saving, saving_noise, groups, saving_measured, saving_base, saving_widths = saving_check(
       predictor, args.seed + 7 + index, args.round_to, args.repeats)
   print(f'  single-group candidates ({len(groups)} groups halved from one network): saving '
         f'Spearman {saving.spearman:.3f}  (noise floor {saving_noise.spearman:.3f}); predicted vs '
         f'measured saving: ' + ', '.join(f'{100 * p:.1f}/{100 * m:.1f}%' for p, m in
                                           zip(saving.predicted, saving.measured)))
+  plain = one_regime_figures(predictor, archs, result.measured, saving_base, saving_widths,
+                             saving.measured)
+  print(f'  fusion regimes: {predictor.regimes()}')
+  print(f'  the same table without fusion regimes: MAPE {plain["mape"]:.2f}%  Spearman '
+        f'{plain["spearman"]:.3f}  saving Spearman {plain["saving_spearman"]:.3f}')
   with CompilationCounter() as counter:
     t0 = time.perf_counter()
     for w in archs:
@@ -194,9 +216,11 @@ def run_model(name: str, index: int, args, cache_dir: str, quiet) -> dict:
          'groups': list(predictor.structure.prunable), 'archs_kept': keys,
          'measured_ratio': [m.ratio for m in first], 'measured_ratio_again': [
              m.ratio for m in second], 'saving_groups': groups,
-         'saving_base_kept': saving_base, 'saving_kept': [predictor.structure.key_of(m.widths)
-                                      for m in saving_measured[:len(groups)]],
-         'saving_measured_again': list(saving_noise.predicted)}
+         'saving_base_kept': predictor.structure.key_of(saving_base),
+         'saving_kept': [predictor.structure.key_of(m.widths)
+                         for m in saving_measured[:len(groups)]],
+         'saving_measured_again': list(saving_noise.predicted),
+         'regimes': predictor.regimes(), 'one_regime': plain}
   print(f'  predict: {predict_us:.0f} us per call, {counter.count} compilations; CPU share '
         f'other processes took: {row["foreign_load"]:.2f}; {row["loaded_measurements"]}/'
         f'{len(all_measured)} measurements flagged loaded')
@@ -244,12 +268,14 @@ def main() -> None:
     report['total_s'] = time.perf_counter() - start
     write_json_atomic(out, report, indent=1)
   print('\nmodel          n   MAPE  Spearman  saving-Spearman | noise: MAPE  Spearman  saving | '
-        'build_s  load')
+        'one regime: MAPE  Spearman  saving | build_s  load')
   for name, r in report['models'].items():
+    o = r['one_regime']
     print(f'{name:12s} {r["n"]:3d} {r["mape"]:5.2f}%  {r["spearman"]:7.3f}  '
           f'{r["saving_spearman"]:14.3f}'
           f'  | {r["noise_mape"]:10.2f}%  {r["noise_spearman"]:8.3f}  '
-          f'{r["saving_noise_spearman"]:6.3f} | {r["build_s"]:7.1f}  {r["foreign_load"]:.2f}')
+          f'{r["saving_noise_spearman"]:6.3f} | {o["mape"]:15.2f}%  {o["spearman"]:8.3f}  '
+          f'{o["saving_spearman"]:6.3f} | {r["build_s"]:7.1f}  {r["foreign_load"]:.2f}')
   print(f'load average at end: {loadavg()}; total {time.perf_counter() - start:.0f} s; '
         f'written to {out}')
 

@@ -201,7 +201,7 @@ def _synthetic_predictor(tmp_path=None, noise=0.0, seed=0):
   path = None if tmp_path is None else str(tmp_path / 'table.json')
   table = LatencyTable(FAKE_KEY, path, log=QUIET)
   p = LatencyPredictor.from_model(model, _abstract(model, (12, 12, 1)), (4, 12, 12, 1), table,
-                                  round_to=2, build=False, log=QUIET)
+                                  round_to=2, build=False, log=QUIET, fusion_aware=False)
   rng = np.random.default_rng(seed)
   theta = rng.uniform(0.5, 2.0, (len(p.structure.units), 3)) * np.array([1e3, 1e1, 1e1])
   truth = lambda w: 0.5 + float(np.sum(theta * p.structure.features(w)))  # noqa: E731
@@ -271,7 +271,8 @@ def test_correct_refits_only_beyond_noise(tmp_path):
   assert p.predict(None) == pytest.approx(7.0, rel=0.03)
   # Persisted: a predictor opened from the saved table predicts the same.
   again = LatencyTable.open(p.table.path, key=FAKE_KEY, log=QUIET)
-  q = LatencyPredictor(p.structure, again, p.model, p.variables, round_to=2, log=QUIET)
+  q = LatencyPredictor(p.structure, again, p.model, p.variables, round_to=2, log=QUIET,
+                       fusion_aware=False)
   assert q.predict(w) == pytest.approx(p.predict(w), rel=1e-6)
   # Without the teacher's time, only the overall scale moves.
   assert p.correct(w, 2.0 * p.predict(w))

@@ -5,7 +5,7 @@ Model (``r`` is latency as a fraction of the unpruned model's, measured in the s
   r(widths) = c + sum_u theta_u . phi_u(widths)       predict(widths) = anchor_ms * scale * r
 
 ``phi_u`` are unit ``u``'s cost features (G-MACs, output and input activation sizes; see
-``latency.structure``), ``theta_u >= 0`` its per-feature costs and ``c >= 0`` the rest (input
+``latency.structure``) in the regime it runs in (see below), ``theta_u >= 0`` its per-feature costs and ``c >= 0`` the rest (input
 handling, dispatch). ``anchor_ms`` is the unpruned model's measured latency and ``scale`` a
 correction from fresh measurements (1 until one disagrees, see :meth:`LatencyPredictor.correct`).
 
@@ -20,6 +20,11 @@ Design choices:
   uniform prunings and random ones (they expose the interactions between groups: a layer's
   MACs are the product of its input and output group widths, which an additive per-group table
   gets wrong).
+* **Regimes read from the compiled model.** The same layer costs very different amounts inside
+  a library fusion region (YNNPACK on CPU) and as native code, and which one it gets depends on
+  its channel counts (``latency.fusion``). Every probe's compiled HLO says which units ran where;
+  each unit gets separate costs per regime (``fusion.split_by_regime``), and a rule learned from
+  the probes predicts the regimes of any architecture without compiling.
 * **Relative measurements.** Every probe is timed in rounds together with the unpruned model
   (``protocol.measure_relative``); the fit is on the per-round ratios, which background load
   barely moves, and the absolute level is one number (``anchor_ms``) that one fresh measurement
@@ -54,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttmpd_jax.latency import protocol
+from ttmpd_jax.latency import fusion, protocol
 from ttmpd_jax.latency.structure import ModelStructure, Widths, round_channels
 from ttmpd_jax.latency.table import (LatencyTable, TableError, entry_digest, load_average,
                                      utc_now)
@@ -63,6 +68,8 @@ PROBES_PER_GROUP = 3    # Group probes at 1/4, 1/2, 3/4 of the group's channels.
 UNIFORM_KEEPS = (0.75, 0.5, 0.3)
 DESIGN_SEED = 987_654
 RIDGE = 0.1             # Pull of each unit's costs towards the shared ones (relative units).
+RIDGES = (0.01, 0.03, 0.1, 0.3)  # Candidates the cross-validation chooses the pull from.
+CV_FOLDS = 5
 LOADED_FOREIGN = 0.15   # Other processes took more than this share of the CPUs: 'loaded'.
 CORRECTION_WEIGHT = 4.0  # Weight of a fresh measurement in a refit (a probe weighs 1).
 GROUP_SIZE = 6          # Architectures timed together with the reference per round robin.
@@ -80,6 +87,7 @@ class Measured:
     spread: IQR / median of the per-round ratios.
     foreign_load: CPU share other processes took meanwhile (None: unknown).
     loaded: other processes took more than ``LOADED_FOREIGN`` of the CPUs meanwhile.
+    library: the units' regimes in the compiled architecture (``fusion.encode``), if known.
   """
 
   widths: Mapping[str, int]
@@ -89,12 +97,16 @@ class Measured:
   spread: float
   foreign_load: Optional[float]
   loaded: bool
+  library: Optional[str] = None
 
   def entry(self, source: str) -> dict[str, Any]:
-    return {'ms': self.ms, 'ratio': self.ratio, 'ref_ms': self.teacher_ms,
-            'spread': self.spread, 'foreign_load': self.foreign_load,
-            'loadavg': load_average(), 'loaded': self.loaded, 'source': source,
-            'utc': utc_now()}
+    out = {'ms': self.ms, 'ratio': self.ratio, 'ref_ms': self.teacher_ms,
+           'spread': self.spread, 'foreign_load': self.foreign_load,
+           'loadavg': load_average(), 'loaded': self.loaded, 'source': source,
+           'utc': utc_now()}
+    if self.library is not None:
+      out['library'] = self.library
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +114,8 @@ class Fit:
   """Fitted unit costs: ``ratio = constant + sum(theta * features)``.
 
   Attributes:
-    theta: float [units, 3] per-unit costs of (G-MACs, M output, M input elements).
+    theta: float [units, k] per-unit costs of their features (G-MACs, M output, M input
+      elements; in each regime when the features are split by ``fusion.split_by_regime``).
     constant: the non-prunable rest, as a fraction of the unpruned model's latency.
     n: architectures fitted on.
     max_error: largest relative error on them.
@@ -151,6 +164,33 @@ def fit_costs(features: Sequence[np.ndarray], ratios: Sequence[float],
   return dataclasses.replace(fit, max_error=float(max(errors)))
 
 
+def choose_ridge(features: Sequence[np.ndarray], ratios: Sequence[float],
+                 weights: Optional[Sequence[float]] = None, candidates: Sequence[float] = RIDGES,
+                 folds: int = CV_FOLDS) -> float:
+  """The pull towards shared costs (``fit_costs``'s ``ridge``) with the smallest ``folds``-fold
+  cross-validated relative error over the measured architectures (``RIDGE`` below ``2 * folds``).
+
+  Design choice: splitting every unit's costs by regime doubles the unknowns; how hard to pull
+  them towards the shared costs then depends on how many probes saw each regime, which differs
+  per model, so the data chooses (fixed folds: the same table always gives the same choice).
+  """
+  y = np.asarray(ratios, np.float64)
+  w = np.ones_like(y) if weights is None else np.asarray(weights, np.float64)
+  if y.size < 2 * folds or len(candidates) < 2:
+    return RIDGE
+  order = np.random.default_rng(0).permutation(y.size)
+  errors = []
+  for ridge in candidates:
+    error = 0.0
+    for k in range(folds):
+      test = order[k::folds]
+      train = np.setdiff1d(order, test)
+      fit = fit_costs([features[i] for i in train], y[train], w[train], ridge)
+      error += sum(w[i] * abs(fit.ratio(features[i]) - y[i]) / y[i] for i in test)
+    errors.append(error)
+  return float(candidates[int(np.argmin(errors))])
+
+
 def _is_abstract(variables: Any) -> bool:
   return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables))
 
@@ -166,7 +206,7 @@ class LatencyPredictor:
   def __init__(self, structure: ModelStructure, table: LatencyTable, model: Any,
                variables: Any, round_to: int = 8, random_probes: Optional[int] = None,
                probes_per_group: int = PROBES_PER_GROUP, repeats: int = 10, warmup: int = 2,
-               log: Optional[Callable[[str], None]] = None):
+               log: Optional[Callable[[str], None]] = None, fusion_aware: bool = True):
     self.structure = structure
     self.table = table
     self.model = model
@@ -177,7 +217,11 @@ class LatencyPredictor:
     self.repeats, self.warmup = int(repeats), int(warmup)
     self.log = log or table.log
     self.fingerprint = self._fingerprint()
+    self.fusion_aware = bool(fusion_aware)
     self.fit: Optional[Fit] = None
+    self.rule = fusion.RegimeRule.native(len(structure.units))
+    self.split = False        # Costs split by regime (some unit was seen in a library region).
+    self._library: dict[str, Optional[str]] = {}   # key_of(widths) -> regimes when compiled.
     self._memo: dict[str, float] = {}
 
   # ---- construction -------------------------------------------------------------------------
@@ -186,8 +230,8 @@ class LatencyPredictor:
                  table: LatencyTable, round_to: int = 8, dtype: str = 'float32',
                  random_probes: Optional[int] = None,
                  probes_per_group: int = PROBES_PER_GROUP, repeats: int = 10, warmup: int = 2,
-                 build: bool = True, log: Optional[Callable[[str], None]] = None
-                 ) -> 'LatencyPredictor':
+                 build: bool = True, log: Optional[Callable[[str], None]] = None,
+                 fusion_aware: bool = True) -> 'LatencyPredictor':
     """Predictor for ``model`` at ``input_shape`` (batch first), e.g. ``(256, 28, 28, 1)``.
 
     Traces the model once (``pruning.graph``), then (``build``) measures the probes the table
@@ -196,7 +240,7 @@ class LatencyPredictor:
     """
     structure = ModelStructure.from_model(model, variables, input_shape, dtype)
     predictor = cls(structure, table, model, variables, round_to, random_probes,
-                    probes_per_group, repeats, warmup, log)
+                    probes_per_group, repeats, warmup, log, fusion_aware)
     if build:
       predictor.build()
     return predictor
@@ -257,7 +301,13 @@ class LatencyPredictor:
       self.variables = protocol.synthetic_variables_like(self.variables, seed=0)
     return self.variables
 
+  def _input(self) -> jax.Array:
+    s = self.structure
+    return jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal(s.input_shape),
+                                      jnp.dtype(s.dtype)))
+
   def _call(self, widths: Optional[Widths], x: jax.Array) -> tuple[Callable, tuple]:
+    """The architecture compiled ahead of time with its arguments; records its regimes."""
     from ttmpd_jax import pruning  # pylint: disable=g-import-not-at-top
     s = self.structure
     kept = s.kept(widths)
@@ -266,8 +316,36 @@ class LatencyPredictor:
     small = pruning.remove_channels(variables, s.groups, masks) if masks else variables
     small = jax.device_put(protocol.cast_floating(small, s.dtype))
     model = self.model
-    fn = jax.jit(lambda v, x: pruning.run_pruned(model, v, x, train=False))
-    return fn, (small, x)
+    compiled = jax.jit(lambda v, x: pruning.run_pruned(model, v, x, train=False)).lower(
+        small, x).compile()
+    if self.fusion_aware:
+      self._library[s.key_of(widths)] = self._regimes_of(compiled)
+    return compiled, (small, x)
+
+  def _regimes_of(self, compiled: Any) -> Optional[str]:
+    try:
+      text = compiled.as_text()
+    except Exception:  # pylint: disable=broad-except  (a backend without HLO text: no regimes)
+      return None
+    if not text:
+      return None
+    paths = self.structure.paths
+    return fusion.encode(fusion.library_units(text, paths), paths)
+
+  def library_of(self, widths: Optional[Widths]) -> Optional[str]:
+    """Regimes of the compiled architecture (``fusion.encode``): from its table entry, this
+    process's compilations, or (an entry measured before regimes were recorded, a correction)
+    compiled now and stored in its entry -- compiling only, never timing."""
+    key = self.structure.key_of(widths)
+    entry = self.table.get(self.entry_key(widths))
+    if entry is not None and 'library' in entry:
+      return entry['library']
+    if key not in self._library:
+      self._call(widths, self._input())
+    code = self._library.get(key)
+    if entry is not None and code is not None:
+      self.table.put(self.entry_key(widths), {**entry, 'library': code})
+    return code
 
   def measure(self, widths_list: Sequence[Optional[Widths]], repeats: Optional[int] = None,
               warmup: Optional[int] = None, reference: Optional[Widths] = None
@@ -281,8 +359,7 @@ class LatencyPredictor:
     s = self.structure
     repeats = self.repeats if repeats is None else int(repeats)
     warmup = self.warmup if warmup is None else int(warmup)
-    x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal(s.input_shape),
-                                   jnp.dtype(s.dtype)))
+    x = self._input()
     ref = self._call(reference, x)
     out: list[Measured] = []
     for lo in range(0, len(widths_list), GROUP_SIZE):
@@ -294,7 +371,7 @@ class LatencyPredictor:
         # is the device's own noise, and re-measuring would not remove it.
         loaded = r.foreign_load is not None and r.foreign_load > LOADED_FOREIGN
         out.append(Measured(s.complete_widths(w), r.ms, r.ratio, r.reference.median_ms,
-                            spread, r.foreign_load, loaded))
+                            spread, r.foreign_load, loaded, self._library.get(s.key_of(w))))
     return out
 
   def build(self) -> int:
@@ -335,6 +412,8 @@ class LatencyPredictor:
       if self.table.path:
         self.table.save()
     self.refit()
+    if widths:
+      self.log(f'  latency model: {self.regimes()}')
     return len(widths)
 
   # ---- fitting ------------------------------------------------------------------------------
@@ -343,22 +422,64 @@ class LatencyPredictor:
     return sorted((k, e) for k, e in self.table.entries.items() if k.startswith(prefix))
 
   def refit(self) -> Fit:
-    """Fits the unit costs on every measurement of this model in the table."""
+    """Fits the regime rule and the unit costs on every measurement of this model in the table.
+
+    With ``fusion_aware``, each measured architecture's regimes (``library_of``) split its
+    features, and ``fusion.RegimeRule`` learns to predict them; the pull towards shared costs
+    is cross-validated (``choose_ridge``) when the probes change and kept in the table's model
+    record, so a correction refits with the same pull.
+    """
     entries = self._model_entries()
     full_key = self.entry_key(None)
     if full_key not in self.table.entries:
       raise TableError(f'latency table {self.table.path or "(in memory)"} has no measurement of '
                       'this model; build the predictor (LatencyPredictor.from_model)')
-    feats, ratios, weights = [], [], []
+    s = self.structure
+    widths_list, ratios, weights = [], [], []
     for key, e in entries:
       kept = [int(c) for c in key.rsplit('|', 1)[1].split(',') if c]
-      widths = self.structure.widths_of(dict(zip(self.structure.prunable, kept)))
-      feats.append(self.structure.features(widths))
+      widths_list.append(s.widths_of(dict(zip(s.prunable, kept))))
       ratios.append(float(e['ratio']))
       weights.append(CORRECTION_WEIGHT if e.get('source') == 'correction' else 1.0)
-    self.fit = fit_costs(feats, ratios, weights)
+    feats = [s.features(w) for w in widths_list]
+    self.rule, self.split = fusion.RegimeRule.native(len(s.units)), False
+    if self.fusion_aware:
+      known = [e.get('library') for _, e in entries]
+      codes = [self.library_of(w) for w in widths_list]
+      if codes != known and self.table.path:
+        self.table.save()    # Regimes compiled now are kept: the next refit compiles nothing.
+      if all(c is not None for c in codes):
+        library = np.stack([fusion.decode(c) for c in codes])
+        if library.any():
+          channels = [s.channels(w) for w in widths_list]
+          self.rule = fusion.RegimeRule.fit(np.array([c for c, _ in channels]),
+                                            np.array([c for _, c in channels]), library)
+          self.split = True
+          feats = [fusion.split_by_regime(f, lib) for f, lib in zip(feats, library)]
+    self.fit = fit_costs(feats, ratios, weights, self._ridge(feats, ratios, weights, entries))
     self._memo.clear()
     return self.fit
+
+  def _ridge(self, feats: list[np.ndarray], ratios: list[float], weights: list[float],
+             entries: list[tuple[str, dict[str, Any]]]) -> float:
+    info = self.table.models.get(self.fingerprint, {})
+    basis = [sum(e.get('source') != 'correction' for _, e in entries), int(self.split)]
+    if info.get('ridge_for') == basis:
+      return float(info['ridge'])
+    ridge = choose_ridge(feats, ratios, weights)
+    self.table.models[self.fingerprint] = {**info, 'ridge': ridge, 'ridge_for': basis}
+    return ridge
+
+  def regimes(self) -> str:
+    """One line on what the regime rule learned (for logs)."""
+    if not self.split:
+      return 'one regime (no unit ran inside a library fusion region)'
+    switching = [t for t in self.rule.thresholds if t is not None]
+    library = sum(1 for t, c in zip(self.rule.thresholds, self.rule.constant) if t is None and c)
+    shared = sorted(set(switching))
+    return (f'{len(switching)} of {len(self.rule.thresholds)} units switch between a library '
+            f'fusion region and native code with their width (library above '
+            f'{"/".join(map(str, shared))} channels), {library} always in a library region')
 
   @property
   def anchor_ms(self) -> float:
@@ -380,7 +501,11 @@ class LatencyPredictor:
     key = self.structure.key_of(widths)
     value = self._memo.get(key)
     if value is None:
-      value = self.fit.ratio(self.structure.features(widths))
+      features = self.structure.features(widths)
+      if self.split:
+        features = fusion.split_by_regime(
+            features, self.rule.predict(*self.structure.channels(widths)))
+      value = self.fit.ratio(features)
       self._memo[key] = value
     return value
 
@@ -537,5 +662,5 @@ def random_architectures(structure: ModelStructure, n: int, round_to: int, seed:
   return out
 
 
-__all__ = ['Fit', 'LatencyPredictor', 'Measured', 'Validation', 'fit_costs',
+__all__ = ['Fit', 'LatencyPredictor', 'Measured', 'Validation', 'choose_ridge', 'fit_costs',
            'random_architectures', 'validate']
