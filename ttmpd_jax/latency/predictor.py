@@ -39,13 +39,12 @@ Design choices:
 ``predict`` is NumPy over a handful of per-unit numbers: no tracing, no compilation, tens of
 microseconds per call (200 us for MobileNetV2's 53 units).
 
-Measured (``bench/bench_latency.py``, results in ``bench/results/latency_validation_*.json``):
-on 2 CPU cores, ResNet-8 / VGG-small reach MAPE 12.9% / 12.7% and Spearman 0.66 / 0.84 over 20
-random architectures, against a measurement-noise floor of 6.9% / 7.7% and 0.90 / 0.94 on the
-same (noisy) host; single-group saving Spearman 0.60 / 0.66. The largest error left is channel
-*alignment*: widths that are not multiples of 8 run slower kernels (on the H200 and on CPU
-alike), so a pruned network can be slower than a wider one; the residuals correlate with the
-number of misaligned groups (Spearman 0.44-0.65). Pruning to multiples of 8 avoids it.
+Measured (``bench/bench_latency.py``, ``bench/results/latency_validation_cpu.json``, 2 CPU cores,
+20 random architectures per model): MAPE 9.8% / 8.0% / 3.9% / 2.9% and Spearman 0.76 / 0.89 /
+0.95 / 0.85 for ResNet-8 / VGG-small / ResNet-20 / a model with a concatenated depthwise branch,
+against a noise floor of about 2% and 0.92-0.99; fitted without regimes, the same measurements
+give 10.7% / 8.6% / 3.4% / 10.2%. Channel counts off multiples of 8 run slower kernels (CPU and
+GPU alike), so pruning in steps of 8 keeps the model's smooth features meaningful.
 """
 
 from __future__ import annotations
