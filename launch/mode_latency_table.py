@@ -38,6 +38,9 @@ flags.DEFINE_integer('latency_random_probes', None, 'Randomly pruned probe archi
                      'the table (default: max(8, prunable groups / 2)).')
 flags.DEFINE_integer('latency_repeats', 10, 'Timed calls per probe measurement (median of the '
                      'per-round ratios to the unpruned model).')
+flags.DEFINE_bool('latency_fusion', True, 'Cost every layer separately inside and outside library '
+                  'fusion regions (regimes read from each probe\'s compiled HLO); false: one cost '
+                  'per layer feature, blind to fusion.')
 flags.DEFINE_integer('latency_warmup', 2, 'Untimed calls per probe after compiling.')
 flags.DEFINE_integer('latency_model_repeats', 15, 'Timed calls per validation measurement.')
 flags.DEFINE_bool('latency_verify', True, 'After building, measure the unpruned model and two '
@@ -92,7 +95,7 @@ def predictor_from_flags(model: Any, variables_or_image_shape: Any,
   options = dict(round_to=FLAGS.latency_round_to, dtype=FLAGS.latency_dtype,
                  random_probes=FLAGS.latency_random_probes,
                  probes_per_group=FLAGS.latency_max_grid_points, repeats=FLAGS.latency_repeats,
-                 warmup=FLAGS.latency_warmup, log=log)
+                 warmup=FLAGS.latency_warmup, log=log, fusion_aware=FLAGS.latency_fusion)
   if isinstance(model, ModelSpec):
     predictor = LatencyPredictor.from_spec(model, tuple(variables_or_image_shape),
                                            FLAGS.latency_batch, table, **options)

@@ -114,8 +114,11 @@ class config_errors_as_flags:  # pylint: disable=invalid-name
 
 def run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -> str:
   """Identity of one method run: what determines its result (the resume key)."""
+  latency = {name: getattr(FLAGS, name) for name in (
+      'latency_batch', 'latency_round_to', 'latency_max_grid_points', 'latency_random_probes',
+      'latency_fusion')}
   data = json.dumps({'method': method, 'config': config.to_json(), 'dataset': dataset,
-                     'source': source_path, 'latency_batch': FLAGS.latency_batch,
+                     'source': source_path, 'latency': latency,
                      'version': harness.RESULT_VERSION},
                     sort_keys=True)
   return hashlib.sha256(data.encode()).hexdigest()[:12]
@@ -339,7 +342,8 @@ def shared_predictor(source: Any) -> LatencyPredictor:
     table = LatencyTable(shared['key'], None, shared['entries'], shared['models'], log=common.log)
     predictor = LatencyPredictor.from_spec(spec, image_shape, FLAGS.latency_batch, table,
                                            round_to=FLAGS.latency_round_to,
-                                           dtype=FLAGS.latency_dtype, build=False)
+                                           dtype=FLAGS.latency_dtype, build=False,
+                                           fusion_aware=FLAGS.latency_fusion)
     predictor.refit()
   distributed.check_same(predictor.predict(), 'the predicted latency of the teacher')
   return predictor

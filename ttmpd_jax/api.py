@@ -43,12 +43,15 @@ class LatencyConfig:
     cache_dir: where latency tables are cached (keyed by device, versions and flags); None:
       :func:`default_latency_cache`.
     calibrate: fit the predictor to end-to-end measurements of a few architectures.
+    fusion: cost every layer separately inside and outside the compiler's library fusion
+      regions (``latency.fusion``); False: one cost per layer feature.
   """
 
   batch: int = 256
   round_to: Optional[int] = None
   cache_dir: Optional[str] = None
   calibrate: bool = True
+  fusion: bool = True
 
 
 @dataclasses.dataclass
@@ -94,7 +97,7 @@ def build_latency_model(model: Any, variables: Any, image_shape: tuple[int, ...]
   table = LatencyTable.open(cache_dir=latency.cache_dir or default_latency_cache(), log=log)
   predictor = LatencyPredictor.from_model(
       model, variables, (latency.batch, *image_shape), table,
-      round_to=latency.round_to or round_to)
+      round_to=latency.round_to or round_to, fusion_aware=latency.fusion)
   if latency.calibrate:
     predictor.calibrate()
   table.save()
