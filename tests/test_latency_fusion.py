@@ -126,7 +126,7 @@ def test_predictor_records_regimes_and_predicts_those_of_unseen_architectures(tm
                {'c1': 16, 'c2': 16, 'c3': 24}):
     widths = p.structure.widths_of(kept)
     p._call(widths, x)  # pylint: disable=protected-access
-    compiled = fusion.decode(p._library[p.structure.key_of(widths)])  # pylint: disable=protected-access
+    compiled = fusion.decode(p._library[p.structure.key_of(widths)])  # pylint: disable=W0212
     assert list(p.rule.predict(*p.structure.channels(widths))) == list(compiled), kept
   # An entry measured before regimes were recorded is compiled once, then never again.
   key = p.entry_key(p.design()[2])

@@ -33,6 +33,7 @@ from ttmpd_jax.latency.table import LatencyTable, TableError, default_table_path
 __all__ = ['CompilationCounter', 'CpuMonitor', 'Fit', 'LatencyPredictor', 'LatencyTable',
            'Measured', 'ModelStructure', 'RegimeRule', 'Relative', 'TableError', 'Timing', 'Unit',
            'Validation', 'channel_grid', 'choose_ridge', 'count_compilations',
-           'default_table_path', 'device_key', 'fit_costs', 'library_units', 'foreign_load', 'measure', 'measure_many',
+           'default_table_path', 'device_key', 'fit_costs', 'foreign_load', 'library_units',
+           'measure', 'measure_many',
            'measure_model', 'measure_models', 'measure_relative', 'random_architectures',
            'round_channels', 'synthetic_variables', 'validate']

@@ -5,9 +5,10 @@ Model (``r`` is latency as a fraction of the unpruned model's, measured in the s
   r(widths) = c + sum_u theta_u . phi_u(widths)       predict(widths) = anchor_ms * scale * r
 
 ``phi_u`` are unit ``u``'s cost features (G-MACs, output and input activation sizes; see
-``latency.structure``) in the regime it runs in (see below), ``theta_u >= 0`` its per-feature costs and ``c >= 0`` the rest (input
-handling, dispatch). ``anchor_ms`` is the unpruned model's measured latency and ``scale`` a
-correction from fresh measurements (1 until one disagrees, see :meth:`LatencyPredictor.correct`).
+``latency.structure``) in the regime it runs in (see below), ``theta_u >= 0`` its per-feature
+costs and ``c >= 0`` the rest (input handling, dispatch). ``anchor_ms`` is the unpruned model's
+measured latency and ``scale`` a correction from fresh measurements (1 until one disagrees, see
+:meth:`LatencyPredictor.correct`).
 
 Design choices:
 
