@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ttmpd_jax.latency import (CompilationCounter, LatencyPredictor, LatencyTable, RegimeRule,
-                               choose_ridge, fit_costs, fusion, library_units)
+                               choose_ridge, fit_costs, fusion, library_units, protocol)
 
 FAKE_KEY = {'device_kind': 'cpu', 'platform': 'cpu', 'jax_version': '0.0-test',
             'jaxlib_version': '0.0-test', 'cpu_model': 'test', 'cpu_cores': 2}
@@ -114,7 +114,8 @@ def _predictor(table, **kwargs):
                                      log=QUIET, **kwargs)
 
 
-def test_predictor_records_regimes_and_predicts_those_of_unseen_architectures(tmp_path):
+def test_predictor_records_regimes_and_predicts_those_of_unseen_architectures(tmp_path,
+                                                                            monkeypatch):
   path = str(tmp_path / 'table.json')
   p = _predictor(LatencyTable.open(path, key=FAKE_KEY, log=QUIET))
   units = len(p.structure.units)
@@ -134,6 +135,8 @@ def test_predictor_records_regimes_and_predicts_those_of_unseen_architectures(tm
   del entry['library']
   p.table.put(key, entry)
   p.table.save()
+  # Probes flagged as measured under load would be re-measured on a quiet host: declare it busy.
+  monkeypatch.setattr(protocol, 'foreign_load', lambda seconds=0.5: 0.9)
   again = LatencyTable.open(path, key=FAKE_KEY, log=QUIET)
   with CompilationCounter() as counter:
     q = _predictor(again)
