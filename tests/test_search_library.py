@@ -307,3 +307,20 @@ def test_resumed_run_ending_on_another_student_keeps_the_old_fine_tuning(tmp_pat
   assert jax.tree.structure(tuned) == jax.tree.structure(other)
   assert sorted(p.name for p in (tmp_path / 'long_term').iterdir()) == sorted(
       [first.rsplit('/', 1)[1], second.rsplit('/', 1)[1]])
+
+
+def test_a_search_stuck_before_its_first_iteration_still_reports_every_proxy_key():
+  from ttmpd_jax.search.harness import proxy_spearman
+  problem = _problem(_CONFIG)
+  problem = dataclasses.replace(problem, latency=_ConstantLatency())   # Nothing saves time.
+  pruned = methods_lib.METHODS.get('ttmpd').prune(problem, _CONFIG, name='ttmpd',
+                                                  log=lambda s: None)
+  assert not pruned.reached_target and 'unreachable' in pruned.message
+  assert proxy_spearman(pruned) == {'n_iterations': 0, 'v1': None, 'v2': None, 'ttmpd': None}
+
+
+class _ConstantLatency:
+
+  def predict(self, widths=None):
+    del widths
+    return 1.0

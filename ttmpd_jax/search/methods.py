@@ -118,6 +118,7 @@ class IterativeMethod:
     variables = jax.device_get(problem.teacher_variables)
     l0 = problem.latency.predict(widths_from_variables(variables))
     state = SearchState(name, l0, run.config.latency_target * l0)
+    state.judge = run.judge.to_json()   # Reported even when the search stops before iterating.
     if store is not None:
       restored = store.latest(lambda widths: variables_of_widths(problem, widths))
       if restored is not None:
