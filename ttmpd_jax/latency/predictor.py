@@ -50,7 +50,9 @@ GPU alike), so pruning in steps of 8 keeps the model's smooth features meaningfu
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import re
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -73,6 +75,7 @@ CV_FOLDS = 5
 LOADED_FOREIGN = 0.15   # Other processes took more than this share of the CPUs: 'loaded'.
 CORRECTION_WEIGHT = 4.0  # Weight of a fresh measurement in a refit (a probe weighs 1).
 GROUP_SIZE = 6          # Architectures timed together with the reference per round robin.
+COMPILE_WORKERS = max(1, min(GROUP_SIZE, os.cpu_count() or 1))  # Concurrent compilations.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +325,16 @@ class LatencyPredictor:
       self._library[s.key_of(widths)] = self._regimes_of(compiled)
     return compiled, (small, x)
 
+  def _compile_all(self, widths_list: Sequence[Optional[Widths]], x: jax.Array) -> list[tuple]:
+    """:meth:`_call` for each architecture, compiled concurrently (XLA compiles outside
+    Python's lock); all compilation ends before any timing starts, so timings are unaffected."""
+    self._concrete_variables()
+    workers = min(len(widths_list), COMPILE_WORKERS)
+    if workers <= 1:
+      return [self._call(w, x) for w in widths_list]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      return list(pool.map(lambda w: self._call(w, x), widths_list))
+
   def _regimes_of(self, compiled: Any) -> Optional[str]:
     try:
       text = compiled.as_text()
@@ -364,7 +377,7 @@ class LatencyPredictor:
     out: list[Measured] = []
     for lo in range(0, len(widths_list), GROUP_SIZE):
       part = list(widths_list[lo:lo + GROUP_SIZE])
-      results = protocol.measure_relative(ref, [self._call(w, x) for w in part], repeats, warmup)
+      results = protocol.measure_relative(ref, self._compile_all(part, x), repeats, warmup)
       for w, r in zip(part, results):
         spread = r.ratio_iqr / r.ratio
         # Only other processes make a measurement 'loaded': a wide spread on a quiet machine
