@@ -36,7 +36,11 @@ def _flags(tmp, output_dir, *extra):
           '--latency_target=0.8', '--r0=0.1', '--round_to=2', '--max_iterations=2',
           '--finetune_fraction=0.4', '--bn_batches=2', '--bn_batch_size=64',
           '--short_term_steps=3', '--long_term_steps=20', '--kd_batch_size=64',
-          '--trajectory_eval_limit=200', *extra]
+          '--trajectory_eval_limit=200',
+          # A one-regime latency model: at base width 8 every narrowing crosses the 16-channel
+          # fusion switch, and on some hosts the regime-aware model then predicts that no group
+          # saves time, which would make these search tests depend on the host.
+          '--nolatency_fusion', *extra]
 
 
 @pytest.fixture(scope='module')
