@@ -24,7 +24,7 @@ from launch.mode_latency_table import predictor_from_flags
 from ttmpd_jax import checkpoint, evidence, train
 from ttmpd_jax.distill import distributed
 from ttmpd_jax.errors import UserError
-from ttmpd_jax.latency import LatencyPredictor, LatencyTable
+from ttmpd_jax.latency import LatencyPredictor, LatencyTable, MacsLatency
 from ttmpd_jax.models import MODEL_NAMES, ModelSpec
 from ttmpd_jax.report import plot_tradeoff
 from ttmpd_jax.search import harness, judges
@@ -44,6 +44,11 @@ flags.DEFINE_list('methods', ['ttmpd', 'netadapt', 'eagleeye', 'halp', 'uniform'
 flags.DEFINE_string('kd', 'cached', 'KD mode for --mode=prune: cached (pseudo labels computed '
                     'once) or online (teacher on every batch).')
 flags.DEFINE_list('kd_modes', ['cached'], 'KD modes compared by --mode=benchmark.')
+flags.DEFINE_enum('latency_model', 'table', ['table', 'macs'], 'How the search predicts latency: '
+                  'table = in-context measurements of this device, fitted (fusion-aware); macs = '
+                  'proportional to multiply-accumulates (no table, host-independent decisions, '
+                  'blind to fusion and per-layer overheads). The target is judged on measured '
+                  'latency either way.')
 flags.DEFINE_float('latency_target', 0.5, 'Target measured latency, a fraction of the teacher\'s.')
 flags.DEFINE_float('latency_tolerance', 0.03, 'The measured latency ratio must land within '
                    'target x (1 +- tolerance).')
@@ -117,6 +122,8 @@ def run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -
   latency = {name: getattr(FLAGS, name) for name in (
       'latency_batch', 'latency_round_to', 'latency_max_grid_points', 'latency_random_probes',
       'latency_fusion')}
+  if FLAGS.latency_model != 'table':   # Keys of table runs stay those of earlier reports.
+    latency['latency_model'] = FLAGS.latency_model
   data = json.dumps({'method': method, 'config': config.to_json(), 'dataset': dataset,
                      'source': source_path, 'latency': latency,
                      'version': harness.RESULT_VERSION},
@@ -320,7 +327,21 @@ class Progress:
       common.log(common.format_table(*evidence.summary_table(evidence.summarize(runs))))
 
 
-def shared_predictor(source: Any) -> LatencyPredictor:
+def macs_latency(spec: Any, image_shape: tuple[int, ...]) -> MacsLatency:
+  """--latency_model=macs: latency proportional to MACs; process 0 times the teacher once."""
+  teacher_ms = None
+  if distributed.is_primary():
+    teacher_ms = MacsLatency.from_spec(spec, image_shape, FLAGS.latency_batch,
+                                       dtype=FLAGS.latency_dtype,
+                                       repeats=FLAGS.latency_repeats).teacher_ms
+  teacher_ms = distributed.broadcast_json(teacher_ms)
+  model = MacsLatency.from_spec(spec, image_shape, FLAGS.latency_batch,
+                                dtype=FLAGS.latency_dtype, teacher_ms=teacher_ms)
+  common.log(model.describe())
+  return model
+
+
+def shared_predictor(source: Any) -> Any:
   """The latency predictor of ``source``, the same on every process of a job.
 
   Design choice: timings differ between hosts (and between runs), and a predictor that differs
@@ -330,6 +351,8 @@ def shared_predictor(source: Any) -> LatencyPredictor:
   the same predictor from them without measuring anything.
   """
   spec, image_shape = source.spec, tuple(source.meta.image_shape)
+  if FLAGS.latency_model == 'macs':
+    return macs_latency(spec, image_shape)
   if jax.process_count() == 1:
     return predictor_from_flags(spec, image_shape)
   predictor, shared = None, None
@@ -376,7 +399,7 @@ def run(ctx: common.Context, mode: str) -> None:
     start = time.time()
     predictor = shared_predictor(source)
     latency_s = time.time() - start
-    common.log(f'latency table ready in {latency_s:.1f}s: {source.spec.name} predicted '
+    common.log(f'latency model ready in {latency_s:.1f}s: {source.spec.name} predicted '
                f'{predictor.predict():.2f} ms at batch {FLAGS.latency_batch}')
     models.append((source, predictor, latency_s))
   # Seeds outermost: a grid stopped part-way holds every (model, shift) cell of its first seeds.

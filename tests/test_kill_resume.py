@@ -30,9 +30,9 @@ METHODS = 'uniform,eagleeye'
 
 
 def _flags(tmp, output_dir):
-  # measure_rounds=0, no latency verify (it may refit the table): decisions depend on the cached
-  # latency table only, not on timings, so an interrupted run can be compared with an
-  # uninterrupted one architecture for architecture.
+  # measure_rounds=0 and the MACs latency model (prune_flags): decisions do not depend on
+  # timings, so an interrupted run can be compared with an uninterrupted one architecture for
+  # architecture.
   return prune_flags(tmp, output_dir, '--latency_target=0.6', '--max_iterations=3',
                      '--mode=benchmark', f'--methods={METHODS}', '--kd_modes=cached',
                      '--measure_rounds=0', '--nolatency_verify')
@@ -52,14 +52,11 @@ def _widths(output_dir) -> dict[str, dict]:
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
-  """The source checkpoint, the latency table, and one uninterrupted run (and its duration)."""
+  """The source checkpoint and one uninterrupted run (and its duration)."""
   tmp = tmp_path_factory.mktemp('kill_resume')
   pretrained = run_main('--mode=pretrain', *_flags(tmp, tmp / 'source'))
   assert pretrained.returncode == 0, pretrained.stderr[-3000:]
   (checkpoint,) = (tmp / 'source' / 'checkpoints').iterdir()
-  table = run_main(f'--checkpoint={checkpoint}', *_flags(tmp, tmp / 'table'),
-                   '--mode=latency_table')  # Built once, so every run below times the same work.
-  assert table.returncode == 0, table.stderr[-3000:]
   start = time.time()
   result = run_main(f'--checkpoint={checkpoint}', *_flags(tmp, tmp / 'reference'))
   assert result.returncode == 0, result.stderr[-3000:]

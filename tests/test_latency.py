@@ -378,3 +378,25 @@ def test_build_measures_once_then_reuses_and_remeasures_loaded_probes(tmp_path, 
   assert again.measured == 1 and again.entries[busy_key]['source'] == 'probe'
   measured = q.measure([{'a': 4}], repeats=3, warmup=1)[0]
   assert measured.ms > 0 and measured.teacher_ms > 0 and measured.widths['a'] == 4
+
+
+def test_macs_latency_is_the_teacher_time_scaled_by_the_counted_macs():
+  from ttmpd_jax.latency import MacsLatency
+  from ttmpd_jax.pruning.cost import count_cost
+  spec = ModelSpec('resnet8', 10, {'base_width': 8})
+  model = build_model(spec)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False)
+  latency = MacsLatency.from_model(model, variables, (4, 16, 16, 1), teacher_ms=10.0)
+  assert latency.predict() == pytest.approx(10.0)
+  full = dict(latency.structure.full_widths)
+  narrow = latency.structure.group_widths(latency.structure.prunable[0], 2)
+  pruned = build_model(spec.with_widths(narrow))
+  ratio = latency.predict(narrow) / latency.predict(full)
+  small = pruned.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False)
+  expected = (count_cost(pruned, small, (16, 16, 1)).macs
+              / count_cost(model, variables, (16, 16, 1)).macs)
+  assert 0 < ratio < 1 and ratio == pytest.approx(expected, rel=1e-6)
+  # Timed once when no teacher time is given; abstract variables are timed on synthetic values.
+  timed = MacsLatency.from_model(model, _abstract(model, (16, 16, 1)), (4, 16, 16, 1), repeats=3)
+  assert timed.teacher_ms > 0
+  assert timed.predict(narrow) / timed.predict() == pytest.approx(ratio)

@@ -28,11 +28,11 @@ from tests.conftest import requires_fashion_mnist
 from tests.test_cli import MAIN, ROOT, run_main
 from tests.test_prune_cli import _flags
 
-# Decisions must not depend on timings between runs: trust the latency model (no measured
-# target correction), so the 1-process and the 2-process runs are comparable. A smaller latency
-# table and long-term fine-tuning than test_prune_cli's keep the CI jobs short.
-EXTRA = ('--measure_rounds=0', '--trajectory_eval_limit=0', '--latency_max_grid_points=1',
-         '--latency_random_probes=1', '--latency_verify=false', '--long_term_steps=4')
+# Decisions must not depend on timings between runs: the MACs latency model (test_prune_cli's
+# flags) and no measured target correction, so the 1-process and the 2-process runs are
+# comparable; process 0 times the teacher and every process scales by its figure. Shorter
+# long-term fine-tuning than test_prune_cli's keeps the CI jobs short.
+EXTRA = ('--measure_rounds=0', '--trajectory_eval_limit=0', '--long_term_steps=4')
 
 
 def free_port() -> int:
@@ -84,7 +84,7 @@ def run_job(argv: list[str], processes: int, devices: int) -> list[tuple[int, st
 
 @pytest.fixture(scope='module')
 def source(tmp_path_factory):
-  """A source checkpoint pretrained once by a 1-process --mode=pretrain, and a latency table."""
+  """A source checkpoint pretrained once by a 1-process --mode=pretrain."""
   tmp = tmp_path_factory.mktemp('multihost')
   result = run_main('--mode=pretrain', *_flags(tmp, tmp / 'source'), '--train_limit=640')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -130,6 +130,20 @@ def test_two_processes_equal_one_process_and_only_process_0_reports(source, one_
   assert (out / 'tradeoff.png').stat().st_size > 10_000
   assert os.path.isdir(run['checkpoint']) and not [
       p for p in os.listdir(os.path.dirname(run['checkpoint'])) if 'orbax-checkpoint-tmp' in p]
+
+
+@requires_fashion_mnist
+def test_a_measured_latency_table_is_built_by_process_0_and_shared(source):
+  tmp, checkpoint = source
+  cache = tmp / 'table_cache'
+  (_, out0, _), _ = run_job(prune_argv(
+      tmp, checkpoint, tmp / 'table', '--latency_model=table', f'--latency_cache_dir={cache}',
+      '--latency_max_grid_points=1', '--latency_random_probes=1', '--nolatency_verify',
+      '--max_iterations=1', '--long_term_steps=0'), 2, 2)
+  # Process 0 measured and saved the table; process 1 fitted the same predictor from its entries
+  # (``shared_predictor`` stops the job when the two predict the teacher differently).
+  assert 'latency model ready' in out0, out0[-3000:]
+  assert len(list((cache / 'latency').glob('*.json'))) == 1
 
 
 def _finished_step(work) -> bool:

@@ -149,10 +149,11 @@ class _LinearLatency:
   """A deterministic stand-in latency model: 0.1 ms per output channel of every layer."""
 
   full: dict
+  per_channel: float = 0.1
 
   def predict(self, widths=None):
     merged = {**self.full, **(widths or {})}
-    return 0.1 * sum(merged.values())
+    return self.per_channel * sum(merged.values())
 
 
 def _problem(config):
@@ -220,6 +221,36 @@ def test_resume_equals_uninterrupted(tmp_path, searched):
       [t['widths'] for t in full.details['trajectory']]
   for a, b in zip(jax.tree.leaves(resumed.variables), jax.tree.leaves(full.variables)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_resumed_search_keeps_its_target_ratio_when_the_latency_model_rescales(tmp_path,
+                                                                                 searched):
+  # A resumed run may predict the teacher differently (re-timed, refitted): the saved target is
+  # re-expressed at the same ratio, so the search continues to the same network.
+  import dataclasses
+  from ttmpd_jax.search.state import IterationStore
+  problem, full = searched
+  method = methods_lib.METHODS.get('ttmpd')
+
+  class Killed(Exception):
+    pass
+
+  def killer(line):
+    if 'iter 1:' in line:
+      raise Killed
+  store = IterationStore(str(tmp_path))
+  with pytest.raises(Killed):
+    method.prune(problem, _CONFIG, name='ttmpd', store=store, log=killer)
+  store.close()
+  slower = _LinearLatency(problem.latency.full, per_channel=0.2)   # Twice the milliseconds.
+  store = IterationStore(str(tmp_path))
+  lines = []
+  resumed = method.prune(dataclasses.replace(problem, latency=slower), _CONFIG, name='ttmpd',
+                         store=store, log=lines.append)
+  store.close()
+  assert any('target is rescaled' in l for l in lines), lines
+  assert [t['widths'] for t in resumed.details['trajectory']] == \
+      [t['widths'] for t in full.details['trajectory']]
 
 
 def test_the_final_network_pools_its_measurements_and_a_spread_asks_for_one_more(monkeypatch):

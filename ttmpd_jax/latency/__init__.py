@@ -9,6 +9,7 @@
 * ``table``: per-device cache of in-context measurements (probe architectures of each model).
 * ``predictor``: unit costs fitted on those measurements; prediction, fresh measurement,
   correction, validation.
+* ``macs``: the table-free alternative, latency proportional to multiply-accumulates.
 * ``compilations``: counting XLA compilations.
 
 Typical use::
@@ -22,6 +23,7 @@ Typical use::
 
 from ttmpd_jax.latency.compilations import CompilationCounter, count_compilations
 from ttmpd_jax.latency.fusion import RegimeRule, library_units
+from ttmpd_jax.latency.macs import MacsLatency
 from ttmpd_jax.latency.predictor import (Fit, LatencyPredictor, Measured, Validation,
                                          choose_ridge, fit_costs, random_architectures, validate)
 from ttmpd_jax.latency.protocol import (CpuMonitor, Relative, Timing, foreign_load, measure,
@@ -30,7 +32,7 @@ from ttmpd_jax.latency.protocol import (CpuMonitor, Relative, Timing, foreign_lo
 from ttmpd_jax.latency.structure import ModelStructure, Unit, channel_grid, round_channels
 from ttmpd_jax.latency.table import LatencyTable, TableError, default_table_path, device_key
 
-__all__ = ['CompilationCounter', 'CpuMonitor', 'Fit', 'LatencyPredictor', 'LatencyTable',
+__all__ = ['CompilationCounter', 'CpuMonitor', 'Fit', 'LatencyPredictor', 'LatencyTable', 'MacsLatency',
            'Measured', 'ModelStructure', 'RegimeRule', 'Relative', 'TableError', 'Timing', 'Unit',
            'Validation', 'channel_grid', 'choose_ridge', 'count_compilations',
            'default_table_path', 'device_key', 'fit_costs', 'foreign_load', 'library_units',

@@ -63,6 +63,21 @@ def measure_network(problem: Problem, variables: Any, log: Log) -> measure.Measu
                                          problem.latency_batch, problem.image_shape, log=log)
 
 
+def _rescale(run: Run, state: SearchState, l0_ms: float) -> None:
+  """Re-expresses a resumed state's predicted-ms target on today's latency model.
+
+  Design choice: the target is a fraction of the teacher's *prediction*, and a resumed run's
+  latency model may predict the teacher differently (a re-timed teacher, a table refitted after a
+  fresh measurement), so the saved milliseconds are scaled by the new/old teacher prediction.
+  """
+  factor = l0_ms / state.l0_ms
+  if abs(factor - 1.0) > 1e-9:
+    run.log(f'[{state.method}] the latency model now predicts the teacher at {l0_ms:.2f} ms '
+            f'(saved run: {state.l0_ms:.2f} ms); its target is rescaled to the same ratio')
+    state.target_ms *= factor
+    state.l0_ms = l0_ms
+
+
 def _measurement_row(m: measure.Measurement, predicted_ms: float, l0_ms: float,
                      widths: dict[str, int], **extra: Any) -> dict[str, Any]:
   """A measurement as reported; ``widths`` name the measured network (the final report pools
@@ -126,6 +141,7 @@ class IterativeMethod:
         if state.judge:
           run.judge.load_json(state.judge)
         run.log(f'[{name}] resuming after iteration {state.iteration} ({state.status})')
+        _rescale(run, state, l0)
         return state, variables, state.iteration
     return state, variables, None
 
