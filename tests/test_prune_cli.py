@@ -28,12 +28,12 @@ TIME_KEYS = {'total', 'pseudo_labels', 'latency_table', 'search', 'short_term_ft
 
 def _flags(tmp, output_dir, *extra):
   return [f'--output_dir={output_dir}', f'--data_dir={FASHION_MNIST_DIR}',
-          f'--latency_cache_dir={tmp / "latency"}', '--model=resnet8', '--base_width=8',
+          f'--latency_cache_dir={tmp / "latency"}', '--model=resnet8', '--base_width=16',
           '--train_limit=3840', '--epochs=1', '--batch_size=64', '--learning_rate=0.05',
           '--test_limit=1000', '--corruptions=gaussian_noise', '--severities=5',
           '--latency_batch=128', '--latency_repeats=3', '--latency_model_repeats=5',
           '--latency_validate=0', '--latency_round_to=4', '--latency_max_grid_points=4',
-          '--latency_target=0.8', '--r0=0.1', '--round_to=2', '--max_iterations=2',
+          '--latency_target=0.8', '--r0=0.1', '--round_to=8', '--max_iterations=2',
           '--finetune_fraction=0.4', '--bn_batches=2', '--bn_batch_size=64',
           '--short_term_steps=3', '--long_term_steps=20', '--kd_batch_size=64',
           '--trajectory_eval_limit=200',
