@@ -53,6 +53,24 @@ def test_measure_accepts_plain_and_compiled_functions():
     measure(jnp.cos, x, repeats=0)
 
 
+def test_a_time_budget_stops_slow_rounds_but_not_fast_ones():
+  def pause(v):
+    time.sleep(0.03)
+    return v
+
+  def slow(x):   # 30 ms a call, inside the compiled function.
+    return jax.pure_callback(pause, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+  x = jnp.ones(4)
+  fast = jax.jit(lambda v: v + 1).lower(x).compile()
+  slow_t, fast_t = measure_many([(slow, (x,)), (fast, (x,))], repeats=20, warmup=0,
+                                max_seconds=0.1)
+  # Rounds of >= 30 ms pass the 0.1 s budget after the third or fourth (never before the third).
+  assert len(slow_t.times_ms) == len(fast_t.times_ms)
+  assert protocol.MIN_ROUNDS <= len(slow_t.times_ms) <= 4
+  assert len(measure_many([(fast, (x,))], repeats=20, warmup=0, max_seconds=5.0)[0].times_ms) == 20
+  assert len(measure_many([(slow, (x,))], repeats=2, warmup=0, max_seconds=0.0)[0].times_ms) == 2
+
+
 def test_measure_model_positive():
   model = build_model(ModelSpec('resnet8', 10, {'base_width': 4}))
   variables = synthetic_variables(model, (4, 16, 16, 1))

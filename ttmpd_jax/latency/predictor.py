@@ -29,7 +29,9 @@ Design choices:
 * **Relative measurements.** Every probe is timed in rounds together with the unpruned model
   (``protocol.measure_relative``); the fit is on the per-round ratios, which background load
   barely moves, and the absolute level is one number (``anchor_ms``) that one fresh measurement
-  of the unpruned model corrects.
+  of the unpruned model corrects. A group's rounds stop once they have taken
+  ``ROUNDS_BUDGET_S`` (after at least three): models whose single call takes a second have
+  little jitter relative to it, and ten rounds of them would dominate the table's build.
 * **Shrinkage.** Each unit's costs are pulled (ridge, in relative terms) towards the costs shared
   by all units, so models with more units than probes stay well posed.
 * **No stale bias.** Probes measured on a busy machine are flagged in the table and re-measured
@@ -75,6 +77,7 @@ CV_FOLDS = 5
 LOADED_FOREIGN = 0.15   # Other processes took more than this share of the CPUs: 'loaded'.
 CORRECTION_WEIGHT = 4.0  # Weight of a fresh measurement in a refit (a probe weighs 1).
 GROUP_SIZE = 6          # Architectures timed together with the reference per round robin.
+ROUNDS_BUDGET_S = 20.0  # Timed rounds of one group stop past this (``protocol.measure_many``).
 COMPILE_WORKERS = max(1, min(GROUP_SIZE, os.cpu_count() or 1))  # Concurrent compilations.
 
 
@@ -377,7 +380,8 @@ class LatencyPredictor:
     out: list[Measured] = []
     for lo in range(0, len(widths_list), GROUP_SIZE):
       part = list(widths_list[lo:lo + GROUP_SIZE])
-      results = protocol.measure_relative(ref, self._compile_all(part, x), repeats, warmup)
+      results = protocol.measure_relative(ref, self._compile_all(part, x), repeats, warmup,
+                                          ROUNDS_BUDGET_S)
       for w, r in zip(part, results):
         spread = r.ratio_iqr / r.ratio
         # Only other processes make a measurement 'loaded': a wide spread on a quiet machine

@@ -28,6 +28,7 @@ Variables = Mapping[str, Any]
 
 DEFAULT_REPEATS = 10
 DEFAULT_WARMUP = 2
+MIN_ROUNDS = 3            # Fewest rounds a time budget (``max_seconds``) may stop at.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,8 @@ def _call_blocking(compiled: Callable, args: tuple) -> float:
 
 
 def measure_many(calls: Sequence[tuple[Callable, tuple]], repeats: int = DEFAULT_REPEATS,
-                 warmup: int = DEFAULT_WARMUP) -> list[Timing]:
+                 warmup: int = DEFAULT_WARMUP, max_seconds: Optional[float] = None
+                 ) -> list[Timing]:
   """Times several ``(fn, args)`` pairs with interleaved calls; one :class:`Timing` each.
 
   Args:
@@ -93,6 +95,11 @@ def measure_many(calls: Sequence[tuple[Callable, tuple]], repeats: int = DEFAULT
       should already live on the device (``jax.device_put``) so no transfer is timed.
     repeats: timed calls per function (>= 1).
     warmup: untimed calls per function after compilation (>= 0).
+    max_seconds: stop after the round that brings the timed rounds past this many seconds,
+      provided ``MIN_ROUNDS`` rounds (or ``repeats``, if fewer) are done. Design choice: a
+      model whose single call takes a second (MobileNetV2 at batch 256 on 2 CPU cores) has
+      little call-to-call jitter relative to its time, while ten rounds of a group of seven
+      cost over a minute; fast models never reach the budget and keep every round.
   """
   if repeats < 1 or warmup < 0:
     raise ValueError(f'need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}')
@@ -110,11 +117,14 @@ def measure_many(calls: Sequence[tuple[Callable, tuple]], repeats: int = DEFAULT
     for _ in range(warmup):
       jax.block_until_ready(exe(*args))
   samples: list[list[float]] = [[] for _ in calls]
-  n = len(calls)
+  n, start = len(calls), time.perf_counter()
   for r in range(repeats):
     for j in range(n):
       i = (j + r) % n  # Rotate the order so no function always runs right after another.
       samples[i].append(_call_blocking(compiled[i], calls[i][1]))
+    if (max_seconds is not None and r + 1 >= min(MIN_ROUNDS, repeats)
+        and time.perf_counter() - start >= max_seconds):
+      break
   return [timing_from_samples(s, c) for s, c in zip(samples, compile_s)]
 
 
@@ -275,17 +285,18 @@ class Relative:
 
 
 def measure_relative(reference: tuple[Callable, tuple], calls: Sequence[tuple[Callable, tuple]],
-                     repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP
-                     ) -> list[Relative]:
+                     repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP,
+                     max_seconds: Optional[float] = None) -> list[Relative]:
   """Times ``calls`` interleaved with ``reference``; each result carries its per-round ratio.
 
   Design choice: a slow drift of background load (another process starting) inflates every
   function of a round alike, so the per-round ratio to a reference (the unpruned model, the
   teacher) is far more stable on a shared machine than absolute times; a latency target is a
-  fraction of the teacher's latency anyway.
+  fraction of the teacher's latency anyway. ``max_seconds``: see :func:`measure_many`.
   """
   with CpuMonitor() as monitor:
-    timings = measure_many([reference, *calls], repeats=repeats, warmup=warmup)
+    timings = measure_many([reference, *calls], repeats=repeats, warmup=warmup,
+                           max_seconds=max_seconds)
   ref = timings[0]
   ref_times = np.asarray(ref.times_ms)
   out = []
