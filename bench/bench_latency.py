@@ -1,6 +1,7 @@
 """Latency model benchmark: build time, incremental rebuild, prediction accuracy, saving ranks.
 
-One self-contained command (about 12 minutes on a quiet 2-core CPU)::
+One self-contained command (about 35 minutes on a quiet 2-core CPU, 13 of them MobileNetV2's
+table)::
 
   python bench/bench_latency.py
 

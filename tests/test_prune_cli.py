@@ -84,8 +84,10 @@ def test_prune_ttmpd_end_to_end(shared):
 def test_killed_prune_resumes_to_the_same_architecture(shared):
   tmp, checkpoint = shared
   # measure_rounds=0: decisions depend on the MACs latency model only, not on timings.
-  flags = _flags(tmp, tmp / 'killed', '--max_iterations=3', '--latency_target=0.6',
-                 '--measure_rounds=0', '--nolatency_verify')
+  # No long-term fine-tuning or trajectory evaluation: neither changes the architecture.
+  search_only = ('--max_iterations=3', '--latency_target=0.6', '--measure_rounds=0',
+                 '--long_term_steps=0', '--trajectory_eval_limit=0')
+  flags = _flags(tmp, tmp / 'killed', *search_only)
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   process = subprocess.Popen([sys.executable, MAIN, '--mode=prune', f'--checkpoint={checkpoint}',
                               *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -102,8 +104,7 @@ def test_killed_prune_resumes_to_the_same_architecture(shared):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resuming after iteration 1' in resumed.stdout
   fresh = run_main('--mode=prune', f'--checkpoint={checkpoint}',
-                   *_flags(tmp, tmp / 'fresh', '--max_iterations=3', '--latency_target=0.6',
-                           '--measure_rounds=0', '--nolatency_verify'))
+                   *_flags(tmp, tmp / 'fresh', *search_only))
   assert fresh.returncode == 0, fresh.stderr[-3000:]
   a = json.loads((tmp / 'killed' / 'report.json').read_text())['runs'][0]
   b = json.loads((tmp / 'fresh' / 'report.json').read_text())['runs'][0]
@@ -115,7 +116,8 @@ def test_unreachable_target_stops_at_best_reachable(shared):
   tmp, checkpoint = shared
   out = tmp / 'unreachable'
   result = run_main('--mode=prune', '--method=uniform', f'--checkpoint={checkpoint}',
-                    *_flags(tmp, out, '--latency_target=0.01', '--round_to=8'))
+                    *_flags(tmp, out, '--latency_target=0.01', '--long_term_steps=0',
+                            '--trajectory_eval_limit=0'))
   assert result.returncode == 0, result.stderr[-3000:]
   (run,) = json.loads((out / 'report.json').read_text())['runs']
   assert run['reached_target'] is False and 'unreachable' in run['message']
