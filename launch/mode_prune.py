@@ -329,14 +329,14 @@ class Progress:
 
 def macs_latency(spec: Any, image_shape: tuple[int, ...]) -> MacsLatency:
   """--latency_model=macs: latency proportional to MACs; process 0 times the teacher once."""
-  teacher_ms = None
+  model = None
   if distributed.is_primary():
-    teacher_ms = MacsLatency.from_spec(spec, image_shape, FLAGS.latency_batch,
-                                       dtype=FLAGS.latency_dtype,
-                                       repeats=FLAGS.latency_repeats).teacher_ms
-  teacher_ms = distributed.broadcast_json(teacher_ms)
-  model = MacsLatency.from_spec(spec, image_shape, FLAGS.latency_batch,
-                                dtype=FLAGS.latency_dtype, teacher_ms=teacher_ms)
+    model = MacsLatency.from_spec(spec, image_shape, FLAGS.latency_batch,
+                                  dtype=FLAGS.latency_dtype, repeats=FLAGS.latency_repeats)
+  teacher_ms = distributed.broadcast_json(None if model is None else model.teacher_ms)
+  if model is None:
+    model = MacsLatency.from_spec(spec, image_shape, FLAGS.latency_batch,
+                                  dtype=FLAGS.latency_dtype, teacher_ms=teacher_ms)
   common.log(model.describe())
   return model
 
