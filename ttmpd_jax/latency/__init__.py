@@ -32,8 +32,9 @@ from ttmpd_jax.latency.protocol import (CpuMonitor, Relative, Timing, foreign_lo
 from ttmpd_jax.latency.structure import ModelStructure, Unit, channel_grid, round_channels
 from ttmpd_jax.latency.table import LatencyTable, TableError, default_table_path, device_key
 
-__all__ = ['CompilationCounter', 'CpuMonitor', 'Fit', 'LatencyPredictor', 'LatencyTable', 'MacsLatency',
-           'Measured', 'ModelStructure', 'RegimeRule', 'Relative', 'TableError', 'Timing', 'Unit',
+__all__ = ['CompilationCounter', 'CpuMonitor', 'Fit', 'LatencyPredictor', 'LatencyTable',
+           'MacsLatency', 'Measured', 'ModelStructure', 'RegimeRule', 'Relative', 'TableError',
+           'Timing', 'Unit',
            'Validation', 'channel_grid', 'choose_ridge', 'count_compilations',
            'default_table_path', 'device_key', 'fit_costs', 'foreign_load', 'library_units',
            'measure', 'measure_many',

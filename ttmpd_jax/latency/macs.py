@@ -20,12 +20,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ttmpd_jax.latency import protocol
-from ttmpd_jax.latency.structure import ModelStructure
+from ttmpd_jax.latency.structure import ModelStructure, zoo_model
 
 Widths = Mapping[str, int]
 
@@ -52,20 +51,16 @@ class MacsLatency:
     """
     structure = ModelStructure.from_model(model, variables, input_shape, dtype)
     if teacher_ms is None:
-      if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables)):
-        variables = protocol.synthetic_variables_like(variables, seed=0)
-      teacher_ms = protocol.measure_model(model, variables, tuple(input_shape),
-                                          jnp.dtype(dtype), repeats=repeats).median_ms
+      teacher_ms = protocol.measure_model(model, protocol.timeable_variables(variables),
+                                          tuple(input_shape), jnp.dtype(dtype),
+                                          repeats=repeats).median_ms
     return cls(structure, teacher_ms)
 
   @classmethod
   def from_spec(cls, spec: Any, image_shape: Sequence[int], batch: int,
                 **kwargs: Any) -> 'MacsLatency':
     """:meth:`from_model` for the zoo model ``spec`` (a ``ModelSpec``) on [batch, *image_shape]."""
-    from ttmpd_jax.models import build_model  # pylint: disable=g-import-not-at-top
-    model = build_model(spec)
-    variables = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32), train=False))
+    model, variables = zoo_model(spec, image_shape)
     return cls.from_model(model, variables, (batch, *image_shape), **kwargs)
 
   def macs(self, widths: Optional[Widths] = None) -> float:

@@ -46,8 +46,9 @@ Measured (``bench/bench_latency.py``, ``bench/results/latency_validation_cpu.jso
 20 random architectures per model, the second of two consecutive runs): MAPE 9.7% / 7.4% / 3.4% /
 2.0% / 2.5% and Spearman 0.79 / 0.86 / 0.96 / 0.96 / 0.98 for ResNet-8 / VGG-small / ResNet-20 /
 a model with a concatenated depthwise branch / MobileNetV2, against a noise floor of 2-4% and
-0.95-0.98; fitted without regimes, the same measurements give 10.7% / 8.0% / 3.5% / 8.0% / 2.7%. Channel counts off multiples of 8 run slower kernels (CPU and
-GPU alike), so pruning in steps of 8 keeps the model's smooth features meaningful.
+0.95-0.98; fitted without regimes, the same measurements give 10.7% / 8.0% / 3.5% / 8.0% / 2.7%.
+Channel counts off multiples of 8 run slower kernels (CPU and GPU alike), so pruning in steps of
+8 keeps the model's smooth features meaningful.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttmpd_jax.latency import fusion, protocol
-from ttmpd_jax.latency.structure import ModelStructure, Widths, round_channels
+from ttmpd_jax.latency.structure import ModelStructure, Widths, round_channels, zoo_model
 from ttmpd_jax.latency.table import (LatencyTable, TableError, entry_digest, load_average,
                                      utc_now)
 
@@ -197,10 +198,6 @@ def choose_ridge(features: Sequence[np.ndarray], ratios: Sequence[float],
   return float(candidates[int(np.argmin(errors))])
 
 
-def _is_abstract(variables: Any) -> bool:
-  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables))
-
-
 class LatencyPredictor:
   """Predicts the eval-mode latency (ms) of any pruned architecture of one traced model.
 
@@ -255,10 +252,7 @@ class LatencyPredictor:
   def from_spec(cls, spec: Any, image_shape: Sequence[int], batch: int, table: LatencyTable,
                 **kwargs: Any) -> 'LatencyPredictor':
     """:meth:`from_model` for the zoo model ``spec`` (a ``ModelSpec``) on [batch, *image_shape]."""
-    from ttmpd_jax.models import build_model  # pylint: disable=g-import-not-at-top
-    model = build_model(spec)
-    variables = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32), train=False))
+    model, variables = zoo_model(spec, image_shape)
     return cls.from_model(model, variables, (batch, *image_shape), table, **kwargs)
 
   def _fingerprint(self) -> str:
@@ -303,8 +297,7 @@ class LatencyPredictor:
 
   # ---- measuring ----------------------------------------------------------------------------
   def _concrete_variables(self) -> Any:
-    if _is_abstract(self.variables):
-      self.variables = protocol.synthetic_variables_like(self.variables, seed=0)
+    self.variables = protocol.timeable_variables(self.variables)
     return self.variables
 
   def _input(self) -> jax.Array:

@@ -169,6 +169,14 @@ def synthetic_variables_like(abstract: Any, seed: int = 0, dtype: Any = jnp.floa
   return jax.device_put(cast_floating(variables, dtype))
 
 
+def timeable_variables(variables: Any, seed: int = 0) -> Any:
+  """``variables`` themselves, or synthetic values when they are abstract (``jax.eval_shape``):
+  latency does not depend on the values."""
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables)):
+    return synthetic_variables_like(variables, seed)
+  return variables
+
+
 def measure_model(model: nn.Module, variables: Variables, input_shape: tuple[int, ...],
                   dtype: Any = jnp.float32, repeats: int = DEFAULT_REPEATS,
                   warmup: int = DEFAULT_WARMUP) -> Timing:

@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from ttmpd_jax.errors import UserError
@@ -240,6 +241,15 @@ class ModelStructure:
       lines.append(f'{u.path:32s} {u.record.kind:5s} {u.record.c_in:5d} -> {u.record.c_out:5d}'
                    f'  in: {ins}  out: {outs}{"  [depthwise]" if u.depthwise else ""}')
     return '\n'.join(lines)
+
+
+def zoo_model(spec: Any, image_shape: Sequence[int]) -> tuple[nn.Module, Any]:
+  """The zoo model ``spec`` (a ``ModelSpec``) and its abstract variables for ``image_shape``."""
+  from ttmpd_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  model = build_model(spec)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), np.zeros((1, *image_shape), np.float32), train=False))
+  return model, variables
 
 
 def channel_grid(full: int, round_to: int, max_points: Optional[int] = None) -> tuple[int, ...]:
