@@ -10,7 +10,9 @@ accuracies of
 * TT-MPD's Â as each TT-MPD run fitted it (``proxy_spearman_ground_truth`` of its row);
 
 and reports the median over iterations with a bootstrap 95% CI (iterations resampled), as JSON
-and a plot. Reads a report, measures nothing: seconds of work.
+and a plot. Where the runs fine-tuned each candidate more than once (``--ground_truth_repeats``),
+it also reports how well two fine-tunings of the same candidates agree: the ceiling of any proxy.
+Reads a report, measures nothing: seconds of work.
 
     python bench/bench_proxy.py --report bench/results/benchmark_grid_report.json
 """
@@ -50,6 +52,64 @@ def iteration_sets(report: dict[str, Any]) -> list[dict[str, np.ndarray]]:
       out.append({'v1': z(np.array([r['v1'] for r in rows])),
                   'negkl': z(-np.array([r['v2'] for r in rows])),
                   'real': np.array([r['real'] for r in rows]), 'cell': row['run_key']})
+      if all(r.get('real_repeats') for r in rows):   # --ground_truth_repeats > 1
+        out[-1]['repeats'] = np.array([r['real_repeats'] for r in rows])
+      if all(r.get('statistics') for r in rows):
+        out[-1]['statistics'] = {name: np.array([r['statistics'][name] for r in rows])
+                                 for name in rows[0]['statistics']}
+  return out
+
+
+# Diagnostic statistics recorded beside v1 and v2 (``proxy.STATISTICS``), signed so that
+# larger means "more accurate".
+SIGNS = {'soft_agreement': 1.0, 'margin': 1.0, 'hard_ce': -1.0}
+
+
+def statistics_ranking(sets: list[dict[str, Any]], rng: np.random.Generator) -> dict:
+  """Median within-iteration Spearman with the real accuracies of each diagnostic statistic
+  (and, where candidates were fine-tuned more than once, with the mean of the fine-tunings)."""
+  sets = [s for s in sets if 'statistics' in s]
+  out: dict[str, Any] = {'iterations': len(sets)}
+  for name, sign in SIGNS.items():
+    if not sets or name not in sets[0]['statistics']:
+      continue
+    rhos = np.array([spearman(sign * s['statistics'][name], s['real']) for s in sets], float)
+    median, ci = median_ci(rhos, rng)
+    out[name] = {'median': median, 'ci95': ci}
+    with_repeats = [s for s in sets if 'repeats' in s]
+    if with_repeats:
+      rhos = np.array([spearman(sign * s['statistics'][name],
+                                np.column_stack([s['real'], s['repeats']]).mean(1))
+                       for s in with_repeats], float)
+      median, ci = median_ci(rhos, rng)
+      out[name]['vs_mean'] = {'median': median, 'ci95': ci}
+  return out
+
+
+def reproducibility(sets: list[dict[str, np.ndarray]], rng: np.random.Generator) -> dict:
+  """How reproducible the ground truth is, where candidates were fine-tuned more than once.
+
+  ``real_vs_repeat``: within-iteration Spearman between two fine-tunings of the same candidates
+  (other batch orders) — what "real accuracy" agrees with itself, hence about the most a proxy
+  can reach against one fine-tuning. The variables are also ranked against the mean of all
+  fine-tunings of a candidate (a less noisy ground truth).
+  """
+  sets = [s for s in sets if 'repeats' in s]
+  if not sets:
+    return {'iterations': 0}
+  out: dict[str, Any] = {'iterations': len(sets),
+                         'fine_tunings_per_candidate': int(1 + sets[0]['repeats'].shape[1])}
+  rows = {'real_vs_repeat': [spearman(s['real'], s['repeats'][:, 0]) for s in sets]}
+  for name, get in (('v1_vs_mean', lambda s: s['v1']), ('v2_vs_mean', lambda s: s['negkl'])):
+    rows[name] = [spearman(get(s), np.column_stack([s['real'], s['repeats']]).mean(1))
+                  for s in sets]
+  rows['v1_vs_real'] = [spearman(s['v1'], s['real']) for s in sets]
+  for name, values in rows.items():
+    median, ci = median_ci(np.array(values, float), rng)
+    out[name] = {'median': median, 'ci95': ci}
+  spread = [np.abs(s['real'] - s['repeats'][:, 0]).mean() / max(np.ptp(s['real']), 1e-9)
+            for s in sets]
+  out['repeat_gap_over_range_median'] = float(np.median(spread))
   return out
 
 
@@ -82,7 +142,9 @@ def analyse(report: dict[str, Any], seed: int = 0) -> dict[str, Any]:
           'candidates_per_iteration_median': float(np.median([len(s['real']) for s in sets]))
           if sets else 0.0,
           'curve': curve, 'v1': curve[0], 'v2': curve[-1], 'best_mix': best,
-          'ttmpd_fitted': {'runs': len(fitted), 'median_of_run_medians': median, 'ci95': ci}}
+          'ttmpd_fitted': {'runs': len(fitted), 'median_of_run_medians': median, 'ci95': ci},
+          'reproducibility': reproducibility(sets, rng),
+          'statistics': statistics_ranking(sets, rng)}
 
 
 def plot(result: dict[str, Any], path: str) -> str:
@@ -140,6 +202,22 @@ def main() -> None:
   f = result['ttmpd_fitted']
   print(f'  TT-MPD fitted Â     {f["median_of_run_medians"]:.2f} [{f["ci95"][0]:.2f}, '
         f'{f["ci95"][1]:.2f}] ({f["runs"]} runs)')
+  rep = result['reproducibility']
+  if rep['iterations']:
+    print(f'ground truth fine-tuned {rep["fine_tunings_per_candidate"]}x in {rep["iterations"]} '
+          'iterations (other batch orders):')
+    print(f'  fine-tuning vs its repeat  {fmt(rep["real_vs_repeat"])}   (the ceiling of any proxy)')
+    print(f'  v1 vs the same runs        {fmt(rep["v1_vs_real"])}')
+    print(f'  v1 vs mean of fine-tunings {fmt(rep["v1_vs_mean"])}')
+    print(f'  KL vs mean of fine-tunings {fmt(rep["v2_vs_mean"])}')
+    print(f'  |run - repeat| / range of the iteration: median '
+          f'{rep["repeat_gap_over_range_median"]:.2f}')
+  stats = result['statistics']
+  if stats['iterations']:
+    print(f'diagnostic statistics ({stats["iterations"]} iterations):')
+    for name in SIGNS:
+      if name in stats:
+        print(f'  {name:<19} {fmt(stats[name])}')
   print(f'wrote {out} and {result["plot"]}')
 
 

@@ -69,6 +69,9 @@ flags.DEFINE_integer('calibration_iterations', 3, 'TT-MPD fine-tunes the candida
 flags.DEFINE_integer('calibration_candidates', 0, 'Candidates fine-tuned per calibration '
                      'iteration (0: all).')
 flags.DEFINE_integer('short_term_steps', 30, 'KD steps of each short-term fine-tuning.')
+flags.DEFINE_integer('ground_truth_repeats', 1, 'Benchmarking: fine-tune every fine-tuned '
+                     'candidate this many times (other batch orders) and record the repeats, to '
+                     'measure how reproducible short-term accuracies are (bench/bench_proxy.py).')
 flags.DEFINE_integer('long_term_steps', 300, 'KD steps of the final long-term fine-tuning.')
 flags.DEFINE_float('short_term_lr', 0.01, 'Short-term KD learning rate (constant).')
 flags.DEFINE_float('long_term_lr', 0.01, 'Long-term KD learning rate (cosine decay).')
@@ -124,7 +127,10 @@ def run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -
       'latency_fusion')}
   if FLAGS.latency_model != 'table':   # Keys of table runs stay those of earlier reports.
     latency['latency_model'] = FLAGS.latency_model
-  data = json.dumps({'method': method, 'config': config.to_json(), 'dataset': dataset,
+  fields = config.to_json()
+  if fields['ground_truth_repeats'] == 1:   # Keys of runs before the field existed stay valid.
+    del fields['ground_truth_repeats']
+  data = json.dumps({'method': method, 'config': fields, 'dataset': dataset,
                      'source': source_path, 'latency': latency,
                      'version': harness.RESULT_VERSION},
                     sort_keys=True)
@@ -249,7 +255,20 @@ def _finished_rows(ctx: common.Context) -> dict[str, dict[str, Any]]:
   except (OSError, ValueError) as e:
     raise UserError(f'{path} exists but cannot be read as JSON ({e}); move it away, or pass '
                     '--noresume to start over') from e
-  return {r['run_key']: r for r in previous.get('runs', []) if 'run_key' in r}
+  rows = previous.get('runs', []) + previous.get('earlier_runs', [])
+  return {r['run_key']: r for r in rows if 'run_key' in r}
+
+
+def _keep_earlier(report: dict[str, Any], finished: dict[str, dict[str, Any]]) -> None:
+  """Finished rows of the earlier report.json that this run has not (yet) reached stay on
+  disk under ``earlier_runs``: not summarised, reused when a later run reaches their cell (a
+  grid resumed in another order, or a smaller grid in the same folder, loses no finished work)."""
+  done = {r.get('run_key') for r in report['runs']}
+  earlier = [row for key, row in finished.items() if key not in done]
+  if earlier:
+    report['earlier_runs'] = earlier
+  else:
+    report.pop('earlier_runs', None)
 
 
 def _source_rows(ctx: common.Context, source: Any) -> Any:
@@ -421,8 +440,10 @@ def run(ctx: common.Context, mode: str) -> None:
                                            finished))
             cross_check_proxy(report['runs'])
             report['summary'] = evidence.summarize(report['runs'])
+            _keep_earlier(report, finished)
             ctx.write_report(report)  # Each finished method is on disk before the next starts.
         progress.cell_finished(report['runs'], report['runs'][first:])
+  _keep_earlier(report, finished)
   _finish(ctx, report, source)
 
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 bash data/get_fashion_mnist.sh
-if ! "$PYTHON" -c "import ttmpd_jax, jax, flax, optax, orbax.checkpoint, tensorflow_datasets, chex, pytest, hypothesis, matplotlib" 2>/dev/null \
+if ! "$PYTHON" -c "import ttmpd_jax, jax, flax, optax, orbax.checkpoint, tensorflow_datasets, chex, pytest, xdist, hypothesis, matplotlib" 2>/dev/null \
    || ! "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.metadata as md, sys
 pins = [l.split('#')[0].strip() for l in open('requirements.txt')]

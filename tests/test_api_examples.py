@@ -9,6 +9,8 @@ import re
 
 import pytest
 
+pytestmark = pytest.mark.timing   # Measures latency: run alone, after the parallel tests (.ci/run).
+
 README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
 
 

@@ -53,3 +53,29 @@ def test_cli_writes_json_and_plot_and_refuses_reports_without_netadapt(tmp_path)
   bad = subprocess.run([sys.executable, script, '--report', str(report)], capture_output=True,
                        text=True)
   assert bad.returncode != 0 and 'Traceback' not in bad.stderr and '--report' in bad.stderr
+
+
+def test_reproducibility_of_a_noisy_ground_truth_bounds_the_proxy():
+  # Real accuracy = v1 + fine-tuning noise as large as v1's spread: two fine-tunings of the same
+  # candidates agree only partly, and v1 ranks the mean of both better than one of them.
+  rng = np.random.default_rng(1)
+  report = _report(lambda a, b: a)
+  for row in report['runs']:
+    for c in row.get('candidates', []):
+      c['real'], c['real_repeats'] = c['v1'] + rng.normal(0, 0.1), [c['v1'] + rng.normal(0, 0.1)]
+  rep = bench_proxy.analyse(report)['reproducibility']
+  assert rep['iterations'] == 8 and rep['fine_tunings_per_candidate'] == 2
+  assert rep['real_vs_repeat']['median'] < 0.9
+  assert rep['v1_vs_mean']['median'] >= rep['v1_vs_real']['median']
+  assert bench_proxy.analyse(_report(lambda a, b: a))['reproducibility'] == {'iterations': 0}
+
+
+def test_diagnostic_statistics_are_ranked_with_their_sign():
+  report = _report(lambda a, b: a)
+  for row in report['runs']:
+    for c in row.get('candidates', []):   # hard_ce falls as accuracy rises: ranked negated.
+      c['statistics'] = {'soft_agreement': c['v1'] ** 2, 'margin': -c['v2'], 'hard_ce': -c['v1']}
+  stats = bench_proxy.analyse(report)['statistics']
+  assert stats['iterations'] == 8
+  assert stats['soft_agreement']['median'] == 1.0 and stats['hard_ce']['median'] == 1.0
+  assert stats['margin']['median'] < 0.9

@@ -27,13 +27,18 @@ def test_reduced_grid_resumes_and_summarises(shared):  # noqa: F811
   assert first.returncode == 0, first.stderr[-3000:]
   done = json.loads((out / 'report.json').read_text())['runs']
   assert len(done) == 2
+  other = run_main(*_flags(tmp, out), *GRID, '--seeds=1')          # ... another part ...
+  assert other.returncode == 0, other.stderr[-3000:]
+  kept = json.loads((out / 'report.json').read_text())   # The first part is not lost.
+  assert [r['seed'] for r in kept['runs']] == [1, 1]
+  assert [r['run_key'] for r in kept['earlier_runs']] == [r['run_key'] for r in done]
   full = run_main(*_flags(tmp, out), *GRID, '--seeds=0,1')          # ... then all of it.
   assert full.returncode == 0, full.stderr[-3000:]
-  assert full.stdout.count('finished earlier, reusing its row') == 2
+  assert full.stdout.count('finished earlier, reusing its row') == 4
   assert 'grid: 2/2 cells done' in full.stdout
   report = json.loads((out / 'report.json').read_text())
   runs = report['runs']
-  assert len(runs) == 4 and {r['seed'] for r in runs} == {0, 1}
+  assert len(runs) == 4 and {r['seed'] for r in runs} == {0, 1} and 'earlier_runs' not in report
   for r in runs:
     assert {'model', 'dataset', 'seed', 'method', 'accuracy', 'latency_ratio', 'latency_target',
             'prune_finetune_s', 'widths', 'met_target'} <= set(r)

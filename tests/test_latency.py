@@ -22,6 +22,8 @@ from ttmpd_jax.latency import protocol
 from ttmpd_jax.latency import table as table_lib
 from ttmpd_jax.models import ModelSpec, build_model
 
+pytestmark = pytest.mark.timing   # Measures latency: run alone, after the parallel tests (.ci/run).
+
 FAKE_KEY = {'device_kind': 'cpu', 'platform': 'cpu', 'jax_version': '0.0-test',
             'jaxlib_version': '0.0-test', 'cpu_model': 'test', 'cpu_cores': 2}
 QUIET = lambda s: None  # noqa: E731

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from tests.conftest import FASHION_MNIST_DIR, requires_fashion_mnist
 from tests.test_cli import assert_user_error, run_main
+
+pytestmark = pytest.mark.timing   # Measures latency: run alone, after the parallel tests (.ci/run).
 
 # Tiny and fast: ResNet-8 at base width 4, batch 8, 2 validation architectures.
 SMALL = ['--mode=latency_table', '--model=resnet8', '--base_width=4', '--latency_batch=8',

@@ -12,6 +12,8 @@ import pytest
 from ttmpd_jax.latency import (CompilationCounter, LatencyPredictor, LatencyTable, RegimeRule,
                                choose_ridge, fit_costs, fusion, library_units, protocol)
 
+pytestmark = pytest.mark.timing   # Measures latency: run alone, after the parallel tests (.ci/run).
+
 FAKE_KEY = {'device_kind': 'cpu', 'platform': 'cpu', 'jax_version': '0.0-test',
             'jaxlib_version': '0.0-test', 'cpu_model': 'test', 'cpu_cores': 2}
 QUIET = lambda s: None  # noqa: E731

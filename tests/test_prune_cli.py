@@ -18,7 +18,8 @@ import pytest
 from tests.conftest import FASHION_MNIST_DIR, requires_fashion_mnist
 from tests.test_cli import MAIN, ROOT, assert_user_error, run_main
 
-pytestmark = requires_fashion_mnist
+# Measures latency: run alone, after the parallel tests (.ci/run).
+pytestmark = [requires_fashion_mnist, pytest.mark.timing]
 
 RUN_KEYS = {'method', 'kd', 'dataset', 'accuracy', 'latency_ms_measured', 'latency_ms_predicted',
             'latency_ratio', 'flops', 'params', 'time_s', 'compilations'}

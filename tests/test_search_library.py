@@ -355,3 +355,23 @@ class _ConstantLatency:
   def predict(self, widths=None):
     del widths
     return 1.0
+
+
+def test_ground_truth_repeats_are_recorded_without_changing_the_search_or_its_time():
+  # Benchmarking knob: every fine-tuned candidate is fine-tuned once more (another batch order)
+  # and both accuracies are kept; decisions and the method's own time are those of one run.
+  config = _CONFIG.replace(max_iterations=2)
+  method = methods_lib.METHODS.get('netadapt')
+  once = method.prune(_problem(config), config, name='netadapt', log=lambda s: None)
+  twice_config = config.replace(ground_truth_repeats=2)
+  twice = method.prune(_problem(twice_config), twice_config, name='netadapt', log=lambda s: None)
+  assert [t['widths'] for t in twice.details['trajectory']] == \
+      [t['widths'] for t in once.details['trajectory']]
+  candidates = twice.details['candidates']
+  assert candidates and all(len(c['real_repeats']) == 1 and 0.0 <= c['real_repeats'][0] <= 1.0
+                            for c in candidates)
+  assert [c['real'] for c in candidates] == [c['real'] for c in once.details['candidates']]
+  assert all('real_repeats' not in c for c in once.details['candidates'])
+  assert all(set(c['statistics']) == {'soft_agreement', 'margin', 'hard_ce'} for c in candidates)
+  assert twice.times['ground_truth_repeats'] > 0   # Timed apart from the method's own keys.
+  assert 'ground_truth_repeats' not in once.times

@@ -114,6 +114,19 @@ def test_agreement_and_kl():
   assert float(v1) == 0.0 and float(v2) > 1.0
 
 
+def test_candidate_statistics_by_hand():
+  from ttmpd_jax.search.proxy import STATISTICS, candidate_statistics
+  teacher = np.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]], np.float32)   # Teacher classes 0, 1.
+  student = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]], np.float32)   # Right, then wrong.
+  stats = dict(zip(STATISTICS, np.asarray(candidate_statistics(student, teacher))))
+  v1, v2 = agreement_and_kl(student, teacher)
+  assert stats['v1'] == pytest.approx(float(v1)) == 0.5 and stats['v2'] == pytest.approx(float(v2))
+  p = np.exp(student) / np.exp(student).sum(1, keepdims=True)
+  assert stats['soft_agreement'] == pytest.approx((p[0, 0] + p[1, 1]) / 2, rel=1e-5)
+  assert stats['margin'] == pytest.approx(((1.0 - 0.0) + (0.0 - 2.0)) / 2, rel=1e-5)
+  assert stats['hard_ce'] == pytest.approx(-(np.log(p[0, 0]) + np.log(p[1, 1])) / 2, rel=1e-5)
+
+
 @pytest.mark.parametrize('kwargs,needle', [
     ({'latency_target': 1.0}, 'latency_target'), ({'latency_target': 0.0}, 'latency_target'),
     ({'kd': 'sometimes'}, 'kd'), ({'round_to': 0}, 'round_to')])

@@ -72,6 +72,7 @@ from ttmpd_jax.latency.table import (LatencyTable, TableError, entry_digest, loa
 PROBES_PER_GROUP = 3    # Group probes at 1/4, 1/2, 3/4 of the group's channels.
 UNIFORM_KEEPS = (0.75, 0.5, 0.3)
 DESIGN_SEED = 987_654
+MIN_PROBES = 48         # Random probes fill the design up to this: few groups, few group probes.
 RIDGE = 0.1             # Pull of each unit's costs towards the shared ones (relative units).
 RIDGES = (0.01, 0.03, 0.1, 0.3)  # Candidates the cross-validation chooses the pull from.
 CV_FOLDS = 5
@@ -286,8 +287,8 @@ class LatencyPredictor:
       out += [s.group_widths(g, c) for c in self.probe_counts(g)]
     out += [s.uniform_widths(k, self.round_to) for k in UNIFORM_KEEPS]
     n_random = self.random_probes
-    if n_random is None:
-      n_random = max(8, len(s.prunable) // 2)
+    if n_random is None:   # Small models: their few group probes would leave the fit loose.
+      n_random = max(8, len(s.prunable) // 2, MIN_PROBES - len(out))
     rng = np.random.default_rng(DESIGN_SEED)
     out += [s.random_widths(rng, self.round_to) for _ in range(n_random)]
     unique: dict[str, dict[str, int]] = {}

@@ -34,6 +34,11 @@ class SearchConfig:
       (spread over the run, see ``judges.TTMPDJudge``).
     calibration_candidates: how many candidates per calibration iteration (0: all).
     short_term_steps, long_term_steps: KD steps per short-term / final fine-tuning.
+    ground_truth_repeats: each fine-tuned candidate is fine-tuned this many times, each with
+      another batch order; the first run is the one the method uses, the others are recorded
+      (``real_repeats``) to measure how reproducible a "real" short-term accuracy is — the
+      ceiling of any accuracy proxy's rank correlation (``bench/bench_proxy.py``). Benchmarking
+      only: it changes no decision and costs fine-tuning time.
     short_term_lr, long_term_lr: their SGD learning rates (constant / cosine).
     batch_size: KD batch size.
     temperature, hard_weight: KD loss (see ``distill.losses.kd_loss``).
@@ -57,6 +62,7 @@ class SearchConfig:
   calibration_iterations: int = 3
   calibration_candidates: int = 0
   short_term_steps: int = 30
+  ground_truth_repeats: int = 1
   long_term_steps: int = 300
   short_term_lr: float = 0.01
   long_term_lr: float = 0.01
@@ -81,7 +87,7 @@ class SearchConfig:
     for name in ('short_term_steps', 'long_term_steps', 'bn_batches', 'calibration_iterations',
                  'calibration_candidates', 'measure_rounds'):
       _check(getattr(self, name) >= 0, name, f'must be >= 0, got {getattr(self, name)}')
-    for name in ('bn_batch_size', 'batch_size', 'max_iterations'):
+    for name in ('bn_batch_size', 'batch_size', 'max_iterations', 'ground_truth_repeats'):
       _check(getattr(self, name) > 0, name, f'must be positive, got {getattr(self, name)}')
     _check(0.0 < self.heldout_fraction < 1.0, 'heldout_fraction',
            f'must lie in (0, 1), got {self.heldout_fraction}')

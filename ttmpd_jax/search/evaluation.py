@@ -25,7 +25,7 @@ from ttmpd_jax import parallel, train
 from ttmpd_jax.distill import bn_adapt, finetune as finetune_lib
 from ttmpd_jax.pruning.graph import ChannelGroup
 from ttmpd_jax.pruning.masks import apply_masks
-from ttmpd_jax.search.proxy import agreement_and_kl
+from ttmpd_jax.search.proxy import STATISTICS, candidate_statistics
 
 
 @dataclasses.dataclass
@@ -119,7 +119,7 @@ class CandidateEvaluator:
     def one(variables, masks, bn_images, images, teacher_logits):
       adapted = adapt(variables, masks, bn_images)
       logits = model.apply(adapted, images, train=False)
-      return jnp.stack(agreement_and_kl(logits, teacher_logits))
+      return candidate_statistics(logits, teacher_logits)
 
     self._evaluate = jax.jit(over_candidates(
         jax.vmap(one, in_axes=(None, 0, None, None, None)), self.mesh,
@@ -132,7 +132,8 @@ class CandidateEvaluator:
     return stacked_masks(self.groups, masks_list, self.mesh)
 
   def many(self, variables: Any, masks_list: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """float64 ``[len(masks_list), 2]``: (v1, v2) of each candidate of ``variables``."""
+    """float64 ``[len(masks_list), len(proxy.STATISTICS)]``: (v1, v2, diagnostics...) of each
+    candidate of ``variables``."""
     n, chunk = len(masks_list), self.mesh.size
     variables = replicate_everywhere(variables, self.mesh)
     out = []
@@ -140,10 +141,11 @@ class CandidateEvaluator:
       part = list(masks_list[lo:lo + chunk])
       part += [part[-1]] * (chunk - len(part))
       out.append(np.asarray(self._evaluate(variables, self._stacked(part), *self._data)))
-    return np.concatenate(out)[:n].astype(np.float64) if out else np.zeros((0, 2))
+    return (np.concatenate(out)[:n].astype(np.float64) if out
+            else np.zeros((0, len(STATISTICS))))
 
   def __call__(self, variables: Any, masks: Mapping[str, Any]) -> tuple[float, float]:
-    v1, v2 = self.many(variables, [masks])[0]
+    v1, v2 = self.many(variables, [masks])[0, :2]
     return float(v1), float(v2)
 
 

@@ -44,6 +44,7 @@ from ttmpd_jax.search.evaluation import (CandidateEvaluator, CandidateKDRunner, 
                                          make_candidate_evaluator)
 from ttmpd_jax.search.judges import Judge
 from ttmpd_jax.search.problem import Problem
+from ttmpd_jax.search.proxy import STATISTICS
 from ttmpd_jax.search.scoring import make_scorer
 from ttmpd_jax.search.state import SearchState
 
@@ -134,6 +135,8 @@ class Proposal:
   evaluate: Callable
   embedded: Any = None               # The current network at the teacher's shapes.
   lifted: Optional[list[dict[str, np.ndarray]]] = None   # ``masks`` over the teacher's channels.
+  real_repeats: Optional[np.ndarray] = None   # ``repeat_accuracies`` of this iteration.
+  statistics: Optional[np.ndarray] = None     # [candidates, len(proxy.STATISTICS)]
 
 
 @contextlib.contextmanager
@@ -177,7 +180,7 @@ def propose(run: Run, variables: Any, k: int, delta_ms: float,
   # The current network first (only the channels removed so far masked off).
   v = ws.evaluate.many(embedded, [ws.removed_so_far(kept)] + lifted)
   return Proposal(cands, masks, v[1:, 0], v[1:, 1], float(v[0, 0]), float(v[0, 1]), groups,
-                  ws.evaluate, embedded, lifted)
+                  ws.evaluate, embedded, lifted, statistics=v[1:])
 
 
 def kd_runner(run: Run, k: int) -> Optional[KDRunner]:
@@ -205,6 +208,31 @@ def finetune_candidates(run: Run, runner: Optional[KDRunner], variables: Any, p:
     finetuned[i] = variables_i
     real[i] = p.evaluate(variables_i, p.lifted[i])[0]
   return finetuned, real
+
+
+def repeat_accuracies(run: Run, p: Proposal, which: list[int]) -> Optional[np.ndarray]:
+  """``[len(p.candidates), repeats - 1]`` real accuracies of the same fine-tunings redone with
+  other batch orders (NaN where not fine-tuned); ``None`` when nothing was fine-tuned.
+
+  Measurement only (``SearchConfig.ground_truth_repeats``): how far two short-term fine-tunings
+  of one candidate disagree bounds how well any proxy can rank candidates by real accuracy.
+  Timed apart from the method (``times['ground_truth_repeats']``, not in prune+fine-tune time).
+  """
+  batched, repeats = run.workspace.batched, run.config.ground_truth_repeats
+  if batched is None or not which:
+    return None
+  out = np.full((len(p.candidates), repeats - 1), np.nan)
+  seed = batched.seed
+  try:
+    for r in range(1, repeats):
+      batched.seed = seed + 100_003 * r
+      tuned = batched.run_many(p.embedded, [p.lifted[i] for i in which],
+                               run.config.short_term_steps)
+      for i, variables_i in zip(which, tuned):
+        out[i, r - 1] = p.evaluate(variables_i, p.lifted[i])[0]
+  finally:
+    batched.seed = seed
+  return out
 
 
 def choose(judge: Judge, p: Proposal, real: np.ndarray, current_ms: float,
@@ -258,8 +286,11 @@ def search_step(run: Run, state: SearchState, variables: Any) -> tuple[SearchSta
     runner = kd_runner(run, k)
     progress = (state.l0_ms - current_ms) / max(state.l0_ms - state.target_ms, 1e-9)
     with _timed(times, 'short_term_ft'):
-      finetuned, real = finetune_candidates(
-          run, runner, variables, p, run.judge.to_finetune(k, progress, p.v1, p.v2))
+      which = run.judge.to_finetune(k, progress, p.v1, p.v2)
+      finetuned, real = finetune_candidates(run, runner, variables, p, which)
+    if run.config.ground_truth_repeats > 1:
+      with _timed(times, 'ground_truth_repeats'):
+        p.real_repeats = repeat_accuracies(run, p, which)
     with _timed(times, 'search'):
       note = run.judge.learn(k, p.v1, p.v2, real)
       floor = state.target_ms * (1 - run.config.latency_tolerance)
@@ -284,6 +315,11 @@ def record(run: Run, state: SearchState, k: int, p: Proposal, real: np.ndarray,
         'iteration': k, 'group': c.group, 'removed': c.removed, 'predicted_ms': c.predicted_ms,
         'v1': float(p.v1[i]), 'v2': float(p.v2[i]), 'accuracy_hat': float(accuracy[i]),
         'real': None if np.isnan(real[i]) else float(real[i]), 'chosen': i == best})
+    if p.statistics is not None:   # Diagnostics beside v1, v2 (``proxy.STATISTICS``).
+      state.candidates[-1]['statistics'] = {name: float(x) for name, x in
+                                            zip(STATISTICS[2:], p.statistics[i, 2:])}
+    if p.real_repeats is not None and not np.isnan(real[i]):
+      state.candidates[-1]['real_repeats'] = [float(x) for x in p.real_repeats[i]]
   widths = widths_from_variables(variables)
   new_ms = run.problem.latency.predict(widths)
   elapsed = (state.trajectory[-1]['elapsed_s'] if state.trajectory else 0.0) + seconds

@@ -31,6 +31,27 @@ def agreement_and_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> tu
   return agree, kl
 
 
+# Everything the candidate evaluator computes per candidate: the two variables, then diagnostic
+# statistics recorded beside them (``candidate_statistics``) for offline study of the proxy
+# (``bench/bench_proxy.py``); selection uses only the two variables.
+STATISTICS = ('v1', 'v2', 'soft_agreement', 'margin', 'hard_ce')
+
+
+def candidate_statistics(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """``[len(STATISTICS)]`` for logits [B, K]: ``agreement_and_kl``, then, against the teacher's
+  top-1 class y: mean probability of y, mean logit margin of y over the best other class, and
+  mean cross-entropy to y (smooth versions of v1, with less sampling noise than a 0/1 count)."""
+  agree, kl = agreement_and_kl(student_logits, teacher_logits)
+  y = jnp.argmax(teacher_logits, -1)
+  logp = jax.nn.log_softmax(student_logits, -1)
+  logp_y = jnp.take_along_axis(logp, y[:, None], -1)[:, 0]
+  logit_y = jnp.take_along_axis(student_logits, y[:, None], -1)[:, 0]
+  others = jnp.where(jax.nn.one_hot(y, student_logits.shape[-1], dtype=bool), -jnp.inf,
+                     student_logits)
+  margin = jnp.mean(logit_y - jnp.max(others, -1))
+  return jnp.stack([agree, kl, jnp.mean(jnp.exp(logp_y)), margin, -jnp.mean(logp_y)])
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
   """Spearman rank correlation (average ranks for ties); NaN with fewer than 3 points."""
   a, b = np.asarray(a, float), np.asarray(b, float)
