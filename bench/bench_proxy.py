@@ -54,6 +54,9 @@ def iteration_sets(report: dict[str, Any]) -> list[dict[str, np.ndarray]]:
                   'real': np.array([r['real'] for r in rows]), 'cell': row['run_key']})
       if all(r.get('real_repeats') for r in rows):   # --ground_truth_repeats > 1
         out[-1]['repeats'] = np.array([r['real_repeats'] for r in rows])
+      if all(r.get('real_at_steps') for r in rows):   # --ground_truth_steps
+        out[-1]['at_steps'] = {int(k): np.array([r['real_at_steps'][k] for r in rows])
+                               for k in rows[0]['real_at_steps']}
       if all(r.get('statistics') for r in rows):
         out[-1]['statistics'] = {name: np.array([r['statistics'][name] for r in rows])
                                  for name in rows[0]['statistics']}
@@ -63,6 +66,25 @@ def iteration_sets(report: dict[str, Any]) -> list[dict[str, np.ndarray]]:
 # Diagnostic statistics recorded beside v1 and v2 (``proxy.STATISTICS``), signed so that
 # larger means "more accurate".
 SIGNS = {'soft_agreement': 1.0, 'margin': 1.0, 'hard_ce': -1.0}
+
+
+def cheaper_finetuning(sets: list[dict[str, Any]], rng: np.random.Generator) -> dict:
+  """Median within-iteration Spearman with the real accuracies of the accuracy after only
+  ``k`` of the fine-tuning steps (``--ground_truth_steps``), per ``k``: what a fraction of
+  NetAdapt's per-candidate cost buys in ranking."""
+  sets = [s for s in sets if 'at_steps' in s]
+  out: dict[str, Any] = {'iterations': len(sets)}
+  for k in sorted({k for s in sets for k in s['at_steps']}):
+    rhos = np.array([spearman(s['at_steps'][k], s['real']) for s in sets if k in s['at_steps']])
+    median, ci = median_ci(rhos, rng)
+    out[str(k)] = {'median': median, 'ci95': ci}
+    # Against a fine-tuning with another batch order: no first steps shared with the proxy.
+    other = np.array([spearman(s['at_steps'][k], s['repeats'][:, 0]) for s in sets
+                      if k in s['at_steps'] and 'repeats' in s])
+    if len(other):
+      median, ci = median_ci(other, rng)
+      out[str(k)]['vs_other_batch_order'] = {'median': median, 'ci95': ci, 'iterations': len(other)}
+  return out
 
 
 def statistics_ranking(sets: list[dict[str, Any]], rng: np.random.Generator) -> dict:
@@ -144,7 +166,8 @@ def analyse(report: dict[str, Any], seed: int = 0) -> dict[str, Any]:
           'curve': curve, 'v1': curve[0], 'v2': curve[-1], 'best_mix': best,
           'ttmpd_fitted': {'runs': len(fitted), 'median_of_run_medians': median, 'ci95': ci},
           'reproducibility': reproducibility(sets, rng),
-          'statistics': statistics_ranking(sets, rng)}
+          'statistics': statistics_ranking(sets, rng),
+          'cheaper_finetuning': cheaper_finetuning(sets, rng)}
 
 
 def plot(result: dict[str, Any], path: str) -> str:
@@ -161,11 +184,16 @@ def plot(result: dict[str, Any], path: str) -> str:
   if fitted['runs']:
     ax.axhline(fitted['median_of_run_medians'], color='C3', ls='--',
                label=f'TT-MPD fitted Â ({fitted["runs"]} runs, median)')
+  rep = result.get('reproducibility') or {}
+  if rep.get('iterations'):
+    ceiling = rep['real_vs_repeat']
+    ax.axhline(ceiling['median'], color='k', ls=':',
+               label=f'ceiling: a fine-tuning vs its repeat ({ceiling["median"]:.2f})')
   ax.set_xlabel('weight angle θ: 0° = v1 (agreement) alone, 90° = KL alone')
   ax.set_ylabel('within-iteration Spearman with real accuracy')
   ax.set_title(f'{result["iterations"]} NetAdapt iterations, '
                f'{result["candidates_per_iteration_median"]:.0f} candidates each (median)')
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc='lower left')
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -175,20 +203,23 @@ def plot(result: dict[str, Any], path: str) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--report', default=os.path.join(ROOT, 'bench', 'results',
-                                                       'benchmark_grid_report.json'))
-  parser.add_argument('--out', default=None, help='default: <report>_proxy.json and .png')
+  parser.add_argument('--report', nargs='+', default=[os.path.join(
+      ROOT, 'bench', 'results', 'benchmark_grid_report.json')], help='one or more report.json '
+      'files; their runs are analysed together')
+  parser.add_argument('--out', default=None, help='default: <first report>_proxy.json and .png')
   args = parser.parse_args()
-  try:
-    with open(args.report) as f:
-      report = json.load(f)
-  except (OSError, ValueError) as error:
-    sys.exit(f'error: --report {args.report}: {error}; pass a benchmark report.json')
+  report: dict[str, Any] = {'runs': []}
+  for path in args.report:
+    try:
+      with open(path) as f:
+        report['runs'] += json.load(f)['runs']
+    except (OSError, ValueError, KeyError, TypeError) as error:
+      sys.exit(f'error: --report {path}: {error!r}; pass a benchmark report.json')
   result = analyse(report)
   if not result['iterations']:
-    sys.exit(f'error: --report {args.report} has no NetAdapt iteration with >= 4 fine-tuned '
-             'candidates; run --mode=benchmark with netadapt among --methods')
-  out = args.out or os.path.splitext(args.report)[0] + '_proxy.json'
+    sys.exit(f'error: --report {" ".join(args.report)} has no NetAdapt iteration with >= 4 '
+             'fine-tuned candidates; run --mode=benchmark with netadapt among --methods')
+  out = args.out or os.path.splitext(args.report[0])[0] + '_proxy.json'
   result['plot'] = plot(result, os.path.splitext(out)[0] + '.png')
   with open(out + '.tmp', 'w') as f:
     json.dump(result, f, indent=1)
@@ -200,8 +231,9 @@ def main() -> None:
   print(f'  KL alone            {fmt(result["v2"])}')
   print(f'  best mix (θ={result["best_mix"]["angle_deg"]:.0f}°)    {fmt(result["best_mix"])}')
   f = result['ttmpd_fitted']
-  print(f'  TT-MPD fitted Â     {f["median_of_run_medians"]:.2f} [{f["ci95"][0]:.2f}, '
-        f'{f["ci95"][1]:.2f}] ({f["runs"]} runs)')
+  if f['runs']:
+    print(f'  TT-MPD fitted Â     {f["median_of_run_medians"]:.2f} [{f["ci95"][0]:.2f}, '
+          f'{f["ci95"][1]:.2f}] ({f["runs"]} runs)')
   rep = result['reproducibility']
   if rep['iterations']:
     print(f'ground truth fine-tuned {rep["fine_tunings_per_candidate"]}x in {rep["iterations"]} '
@@ -218,6 +250,15 @@ def main() -> None:
     for name in SIGNS:
       if name in stats:
         print(f'  {name:<19} {fmt(stats[name])}')
+  cheaper = result['cheaper_finetuning']
+  if cheaper['iterations']:
+    print(f'accuracy after k of the fine-tuning steps ({cheaper["iterations"]} iterations):')
+    for k, value in cheaper.items():
+      if k != 'iterations':
+        other = value.get('vs_other_batch_order')
+        print(f'  k = {k:<15} {fmt(value)}' + (
+            f'   vs a fine-tuning with other batches: {fmt(other)} ({other["iterations"]} '
+            'iterations)' if other else ''))
   print(f'wrote {out} and {result["plot"]}')
 
 

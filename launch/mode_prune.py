@@ -72,6 +72,9 @@ flags.DEFINE_integer('short_term_steps', 30, 'KD steps of each short-term fine-t
 flags.DEFINE_integer('ground_truth_repeats', 1, 'Benchmarking: fine-tune every fine-tuned '
                      'candidate this many times (other batch orders) and record the repeats, to '
                      'measure how reproducible short-term accuracies are (bench/bench_proxy.py).')
+flags.DEFINE_list('ground_truth_steps', [], 'Benchmarking: also fine-tune every fine-tuned '
+                  'candidate for each of these (fewer) steps and record its accuracy, to measure '
+                  'how well cheaper fine-tunings rank candidates (bench/bench_proxy.py).')
 flags.DEFINE_integer('long_term_steps', 300, 'KD steps of the final long-term fine-tuning.')
 flags.DEFINE_float('short_term_lr', 0.01, 'Short-term KD learning rate (constant).')
 flags.DEFINE_float('long_term_lr', 0.01, 'Long-term KD learning rate (cosine decay).')
@@ -128,8 +131,9 @@ def run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -
   if FLAGS.latency_model != 'table':   # Keys of table runs stay those of earlier reports.
     latency['latency_model'] = FLAGS.latency_model
   fields = config.to_json()
-  if fields['ground_truth_repeats'] == 1:   # Keys of runs before the field existed stay valid.
-    del fields['ground_truth_repeats']
+  for name, default in (('ground_truth_repeats', 1), ('ground_truth_steps', [])):
+    if fields[name] == default or fields[name] == ():   # Keys of earlier runs stay valid.
+      del fields[name]
   data = json.dumps({'method': method, 'config': fields, 'dataset': dataset,
                      'source': source_path, 'latency': latency,
                      'version': harness.RESULT_VERSION},

@@ -79,3 +79,18 @@ def test_diagnostic_statistics_are_ranked_with_their_sign():
   assert stats['iterations'] == 8
   assert stats['soft_agreement']['median'] == 1.0 and stats['hard_ce']['median'] == 1.0
   assert stats['margin']['median'] < 0.9
+
+
+def test_cheaper_finetunings_are_ranked_per_step_count():
+  report = _report(lambda a, b: a)
+  for row in report['runs']:
+    for c in row.get('candidates', []):   # 5 steps: the real order; 1 step: unrelated.
+      c['real_at_steps'] = {'5': c['real'] * 2, '1': (c['v2'] * 1e3) % 1}
+  cheaper = bench_proxy.analyse(report)['cheaper_finetuning']
+  assert cheaper['iterations'] == 8 and cheaper['5']['median'] == 1.0
+  assert cheaper['1']['median'] < 0.9 and 'vs_other_batch_order' not in cheaper['5']
+  for row in report['runs']:
+    for c in row.get('candidates', []):   # A repeat ranked like the v1 order, reversed.
+      c['real_repeats'] = [-c['real']]
+  other = bench_proxy.analyse(report)['cheaper_finetuning']['5']['vs_other_batch_order']
+  assert other['median'] == -1.0 and other['iterations'] == 8

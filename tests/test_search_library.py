@@ -357,13 +357,14 @@ class _ConstantLatency:
     return 1.0
 
 
-def test_ground_truth_repeats_are_recorded_without_changing_the_search_or_its_time():
-  # Benchmarking knob: every fine-tuned candidate is fine-tuned once more (another batch order)
-  # and both accuracies are kept; decisions and the method's own time are those of one run.
+def test_ground_truth_extras_are_recorded_without_changing_the_search_or_its_time():
+  # Benchmarking knobs: every fine-tuned candidate is fine-tuned once more (another batch order)
+  # and for fewer steps, and the accuracies are kept; decisions and the method's own time are
+  # those of one run.
   config = _CONFIG.replace(max_iterations=2)
   method = methods_lib.METHODS.get('netadapt')
   once = method.prune(_problem(config), config, name='netadapt', log=lambda s: None)
-  twice_config = config.replace(ground_truth_repeats=2)
+  twice_config = config.replace(ground_truth_repeats=2, ground_truth_steps=(1,))
   twice = method.prune(_problem(twice_config), twice_config, name='netadapt', log=lambda s: None)
   assert [t['widths'] for t in twice.details['trajectory']] == \
       [t['widths'] for t in once.details['trajectory']]
@@ -373,5 +374,6 @@ def test_ground_truth_repeats_are_recorded_without_changing_the_search_or_its_ti
   assert [c['real'] for c in candidates] == [c['real'] for c in once.details['candidates']]
   assert all('real_repeats' not in c for c in once.details['candidates'])
   assert all(set(c['statistics']) == {'soft_agreement', 'margin', 'hard_ce'} for c in candidates)
-  assert twice.times['ground_truth_repeats'] > 0   # Timed apart from the method's own keys.
-  assert 'ground_truth_repeats' not in once.times
+  assert all(0.0 <= c['real_at_steps']['1'] <= 1.0 for c in candidates)
+  assert twice.times['ground_truth'] > 0   # Timed apart from the method's own keys.
+  assert 'ground_truth' not in once.times

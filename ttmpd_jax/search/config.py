@@ -39,6 +39,9 @@ class SearchConfig:
       (``real_repeats``) to measure how reproducible a "real" short-term accuracy is — the
       ceiling of any accuracy proxy's rank correlation (``bench/bench_proxy.py``). Benchmarking
       only: it changes no decision and costs fine-tuning time.
+    ground_truth_steps: benchmarking, like ``ground_truth_repeats``: each fine-tuned candidate is
+      also fine-tuned for each of these (fewer) steps, same batches, and its accuracy recorded
+      (``real_at_steps``): how well a cheaper fine-tuning ranks candidates.
     short_term_lr, long_term_lr: their SGD learning rates (constant / cosine).
     batch_size: KD batch size.
     temperature, hard_weight: KD loss (see ``distill.losses.kd_loss``).
@@ -63,6 +66,7 @@ class SearchConfig:
   calibration_candidates: int = 0
   short_term_steps: int = 30
   ground_truth_repeats: int = 1
+  ground_truth_steps: tuple[int, ...] = ()
   long_term_steps: int = 300
   short_term_lr: float = 0.01
   long_term_lr: float = 0.01
@@ -93,6 +97,15 @@ class SearchConfig:
            f'must lie in (0, 1), got {self.heldout_fraction}')
     _check(self.finetune_fraction > 0, 'finetune_fraction',
            f'must be positive, got {self.finetune_fraction}')
+    try:   # A launcher passes a list of strings.
+      steps = tuple(sorted({int(k) for k in self.ground_truth_steps}))
+    except (TypeError, ValueError):
+      steps = ()
+      _check(False, 'ground_truth_steps', f'must be integers, got {self.ground_truth_steps!r}')
+    _check(all(0 < k < max(self.short_term_steps, 1) for k in steps), 'ground_truth_steps',
+           f'must lie between 1 and short_term_steps - 1 = {self.short_term_steps - 1}, got '
+           f'{list(steps)}')
+    object.__setattr__(self, 'ground_truth_steps', steps)
     from ttmpd_jax.search import scoring  # The criteria registry (import cycle otherwise).
     scoring.CRITERIA.get(self.importance, field='importance')
 

@@ -135,7 +135,8 @@ class Proposal:
   evaluate: Callable
   embedded: Any = None               # The current network at the teacher's shapes.
   lifted: Optional[list[dict[str, np.ndarray]]] = None   # ``masks`` over the teacher's channels.
-  real_repeats: Optional[np.ndarray] = None   # ``repeat_accuracies`` of this iteration.
+  real_repeats: Optional[np.ndarray] = None   # ``ground_truth_extras`` of this iteration.
+  real_at_steps: Optional[dict[int, np.ndarray]] = None
   statistics: Optional[np.ndarray] = None     # [candidates, len(proxy.STATISTICS)]
 
 
@@ -210,29 +211,38 @@ def finetune_candidates(run: Run, runner: Optional[KDRunner], variables: Any, p:
   return finetuned, real
 
 
-def repeat_accuracies(run: Run, p: Proposal, which: list[int]) -> Optional[np.ndarray]:
-  """``[len(p.candidates), repeats - 1]`` real accuracies of the same fine-tunings redone with
-  other batch orders (NaN where not fine-tuned); ``None`` when nothing was fine-tuned.
+def ground_truth_extras(run: Run, p: Proposal, which: list[int]) -> None:
+  """Benchmarking only (``SearchConfig.ground_truth_repeats`` / ``ground_truth_steps``): the
+  fine-tuned candidates ``which`` are fine-tuned again, and their accuracies set on ``p``:
 
-  Measurement only (``SearchConfig.ground_truth_repeats``): how far two short-term fine-tunings
-  of one candidate disagree bounds how well any proxy can rank candidates by real accuracy.
-  Timed apart from the method (``times['ground_truth_repeats']``, not in prune+fine-tune time).
+  * ``p.real_repeats`` ``[candidates, repeats - 1]``: the same fine-tuning with other batch
+    orders. How far two fine-tunings of one candidate disagree bounds how well any proxy can
+    rank candidates by real accuracy;
+  * ``p.real_at_steps`` ``{k: [candidates]}``: the first ``k`` steps of the same fine-tuning
+    (same batches; the short-term schedule is constant), how well a cheaper fine-tuning ranks.
+
+  NaN where a candidate was not fine-tuned. Changes no decision; the caller times it apart from
+  the method (``times['ground_truth']``, not in prune+fine-tune time).
   """
-  batched, repeats = run.workspace.batched, run.config.ground_truth_repeats
+  batched, config = run.workspace.batched, run.config
   if batched is None or not which:
-    return None
-  out = np.full((len(p.candidates), repeats - 1), np.nan)
-  seed = batched.seed
+    return
+
+  def accuracies(steps: int) -> np.ndarray:
+    out = np.full(len(p.candidates), np.nan)
+    for i, tuned in zip(which, batched.run_many(p.embedded, [p.lifted[i] for i in which], steps)):
+      out[i] = p.evaluate(tuned, p.lifted[i])[0]
+    return out
+
+  p.real_at_steps = {k: accuracies(k) for k in config.ground_truth_steps}
+  seed, repeats = batched.seed, []
   try:
-    for r in range(1, repeats):
+    for r in range(1, config.ground_truth_repeats):
       batched.seed = seed + 100_003 * r
-      tuned = batched.run_many(p.embedded, [p.lifted[i] for i in which],
-                               run.config.short_term_steps)
-      for i, variables_i in zip(which, tuned):
-        out[i, r - 1] = p.evaluate(variables_i, p.lifted[i])[0]
+      repeats.append(accuracies(config.short_term_steps))
   finally:
     batched.seed = seed
-  return out
+  p.real_repeats = np.stack(repeats, 1) if repeats else None
 
 
 def choose(judge: Judge, p: Proposal, real: np.ndarray, current_ms: float,
@@ -288,9 +298,9 @@ def search_step(run: Run, state: SearchState, variables: Any) -> tuple[SearchSta
     with _timed(times, 'short_term_ft'):
       which = run.judge.to_finetune(k, progress, p.v1, p.v2)
       finetuned, real = finetune_candidates(run, runner, variables, p, which)
-    if run.config.ground_truth_repeats > 1:
-      with _timed(times, 'ground_truth_repeats'):
-        p.real_repeats = repeat_accuracies(run, p, which)
+    if run.config.ground_truth_repeats > 1 or run.config.ground_truth_steps:
+      with _timed(times, 'ground_truth'):
+        ground_truth_extras(run, p, which)
     with _timed(times, 'search'):
       note = run.judge.learn(k, p.v1, p.v2, real)
       floor = state.target_ms * (1 - run.config.latency_tolerance)
@@ -320,6 +330,9 @@ def record(run: Run, state: SearchState, k: int, p: Proposal, real: np.ndarray,
                                             zip(STATISTICS[2:], p.statistics[i, 2:])}
     if p.real_repeats is not None and not np.isnan(real[i]):
       state.candidates[-1]['real_repeats'] = [float(x) for x in p.real_repeats[i]]
+    if p.real_at_steps and not np.isnan(real[i]):
+      state.candidates[-1]['real_at_steps'] = {str(k): float(a[i])
+                                               for k, a in p.real_at_steps.items()}
   widths = widths_from_variables(variables)
   new_ms = run.problem.latency.predict(widths)
   elapsed = (state.trajectory[-1]['elapsed_s'] if state.trajectory else 0.0) + seconds
