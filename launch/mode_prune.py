@@ -131,8 +131,8 @@ def run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -
   if FLAGS.latency_model != 'table':   # Keys of table runs stay those of earlier reports.
     latency['latency_model'] = FLAGS.latency_model
   fields = config.to_json()
-  for name, default in (('ground_truth_repeats', 1), ('ground_truth_steps', [])):
-    if fields[name] == default or fields[name] == ():   # Keys of earlier runs stay valid.
+  for name, default in (('ground_truth_repeats', 1), ('ground_truth_steps', ())):
+    if fields[name] == default:   # Benchmarking knobs off: keys of earlier runs stay valid.
       del fields[name]
   data = json.dumps({'method': method, 'config': fields, 'dataset': dataset,
                      'source': source_path, 'latency': latency,
