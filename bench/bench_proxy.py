@@ -54,6 +54,8 @@ def iteration_sets(report: dict[str, Any]) -> list[dict[str, np.ndarray]]:
                   'real': np.array([r['real'] for r in rows]), 'cell': row['run_key']})
       if all(r.get('real_repeats') for r in rows):   # --ground_truth_repeats > 1
         out[-1]['repeats'] = np.array([r['real_repeats'] for r in rows])
+        # Mean of all fine-tunings of each candidate: a less noisy ground truth.
+        out[-1]['real_mean'] = np.column_stack([out[-1]['real'], out[-1]['repeats']]).mean(1)
       if all(r.get('real_at_steps') for r in rows):   # --ground_truth_steps
         out[-1]['at_steps'] = {int(k): np.array([r['real_at_steps'][k] for r in rows])
                                for k in rows[0]['real_at_steps']}
@@ -100,8 +102,7 @@ def statistics_ranking(sets: list[dict[str, Any]], rng: np.random.Generator) -> 
     out[name] = {'median': median, 'ci95': ci}
     with_repeats = [s for s in sets if 'repeats' in s]
     if with_repeats:
-      rhos = np.array([spearman(sign * s['statistics'][name],
-                                np.column_stack([s['real'], s['repeats']]).mean(1))
+      rhos = np.array([spearman(sign * s['statistics'][name], s['real_mean'])
                        for s in with_repeats], float)
       median, ci = median_ci(rhos, rng)
       out[name]['vs_mean'] = {'median': median, 'ci95': ci}
@@ -123,8 +124,7 @@ def reproducibility(sets: list[dict[str, np.ndarray]], rng: np.random.Generator)
                          'fine_tunings_per_candidate': int(1 + sets[0]['repeats'].shape[1])}
   rows = {'real_vs_repeat': [spearman(s['real'], s['repeats'][:, 0]) for s in sets]}
   for name, get in (('v1_vs_mean', lambda s: s['v1']), ('v2_vs_mean', lambda s: s['negkl'])):
-    rows[name] = [spearman(get(s), np.column_stack([s['real'], s['repeats']]).mean(1))
-                  for s in sets]
+    rows[name] = [spearman(get(s), s['real_mean']) for s in sets]
   rows['v1_vs_real'] = [spearman(s['v1'], s['real']) for s in sets]
   for name, values in rows.items():
     median, ci = median_ci(np.array(values, float), rng)

@@ -100,8 +100,8 @@ class SearchConfig:
     try:   # A launcher passes a list of strings.
       steps = tuple(sorted({int(k) for k in self.ground_truth_steps}))
     except (TypeError, ValueError):
-      steps = ()
-      _check(False, 'ground_truth_steps', f'must be integers, got {self.ground_truth_steps!r}')
+      raise ConfigError('ground_truth_steps',
+                        f'must be integers, got {self.ground_truth_steps!r}') from None
     _check(all(0 < k < max(self.short_term_steps, 1) for k in steps), 'ground_truth_steps',
            f'must lie between 1 and short_term_steps - 1 = {self.short_term_steps - 1}, got '
            f'{list(steps)}')

@@ -199,13 +199,19 @@ def finetune_candidates(run: Run, runner: Optional[KDRunner], variables: Any, p:
   candidates are teacher-shaped (``p.embedded`` under ``p.lifted`` masks).
   """
   del variables
+  if runner is None or not which:
+    return {}, np.full(len(p.candidates), np.nan)
+  return tuned_accuracies(run.workspace.batched, p, which, run.config.short_term_steps)
+
+
+def tuned_accuracies(batched: CandidateKDRunner, p: Proposal, which: list[int],
+                     steps: int) -> tuple[dict[int, Any], np.ndarray]:
+  """Candidates ``which`` after ``steps`` masked KD steps of ``batched`` and their real
+  accuracies (NaN for the other candidates)."""
   finetuned: dict[int, Any] = {}
   real = np.full(len(p.candidates), np.nan)
-  if runner is None or not which:
-    return finetuned, real
-  tuned = run.workspace.batched.run_many(p.embedded, [p.lifted[i] for i in which],
-                                         run.config.short_term_steps)
-  for i, variables_i in zip(which, tuned):
+  for i, variables_i in zip(which, batched.run_many(p.embedded, [p.lifted[i] for i in which],
+                                                    steps)):
     finetuned[i] = variables_i
     real[i] = p.evaluate(variables_i, p.lifted[i])[0]
   return finetuned, real
@@ -228,18 +234,13 @@ def ground_truth_extras(run: Run, p: Proposal, which: list[int]) -> None:
   if batched is None or not which:
     return
 
-  def accuracies(steps: int) -> np.ndarray:
-    out = np.full(len(p.candidates), np.nan)
-    for i, tuned in zip(which, batched.run_many(p.embedded, [p.lifted[i] for i in which], steps)):
-      out[i] = p.evaluate(tuned, p.lifted[i])[0]
-    return out
-
-  p.real_at_steps = {k: accuracies(k) for k in config.ground_truth_steps}
+  p.real_at_steps = {k: tuned_accuracies(batched, p, which, k)[1]
+                     for k in config.ground_truth_steps}
   seed, repeats = batched.seed, []
   try:
     for r in range(1, config.ground_truth_repeats):
       batched.seed = seed + 100_003 * r
-      repeats.append(accuracies(config.short_term_steps))
+      repeats.append(tuned_accuracies(batched, p, which, config.short_term_steps)[1])
   finally:
     batched.seed = seed
   p.real_repeats = np.stack(repeats, 1) if repeats else None
