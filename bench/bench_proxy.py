@@ -30,6 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from ttmpd_jax.search.candidates import selection_score  # pylint: disable=wrong-import-position
 from ttmpd_jax.search.proxy import spearman  # pylint: disable=wrong-import-position
 
 ANGLES = np.linspace(0.0, 90.0, 19)
@@ -45,13 +46,18 @@ def iteration_sets(report: dict[str, Any]) -> list[dict[str, np.ndarray]]:
     for c in row.get('candidates') or []:
       if c.get('real') is not None:
         by_iteration.setdefault(int(c['iteration']), []).append(c)
-    for rows in by_iteration.values():
+    committed = _committed(row, by_iteration)
+    for k, rows in by_iteration.items():
       if len(rows) < 4:
         continue
       z = lambda a: (a - a.mean()) / (a.std() or 1.0)
       out.append({'v1': z(np.array([r['v1'] for r in rows])),
                   'negkl': z(-np.array([r['v2'] for r in rows])),
                   'real': np.array([r['real'] for r in rows]), 'cell': row['run_key']})
+      if k - 1 in committed:   # What the search's criterion needs (``selection_quality``).
+        out[-1]['current'] = committed[k - 1]
+        out[-1]['v1_raw'] = np.array([r['v1'] for r in rows])
+        out[-1]['ms'] = np.array([r['predicted_ms'] for r in rows])
       if all(r.get('real_repeats') for r in rows):   # --ground_truth_repeats > 1
         out[-1]['repeats'] = np.array([r['real_repeats'] for r in rows])
         # Mean of all fine-tunings of each candidate: a less noisy ground truth.
@@ -62,6 +68,24 @@ def iteration_sets(report: dict[str, Any]) -> list[dict[str, np.ndarray]]:
       if all(r.get('statistics') for r in rows):
         out[-1]['statistics'] = {name: np.array([r['statistics'][name] for r in rows])
                                  for name in rows[0]['statistics']}
+  return out
+
+
+def _committed(row: dict[str, Any], by_iteration: dict[int, list[dict[str, Any]]]) -> dict:
+  """Per iteration k of a run without measured-target rounds: the network it committed, as
+  ``(predicted ms, agreement with the teacher)`` — the *current* network of iteration k + 1.
+
+  NetAdapt commits its chosen candidate as fine-tuned, so that network's agreement is the
+  chosen candidate's ``real``. A run that measured (``measurements``) may have stepped back,
+  so its iterations do not chain and it is left out.
+  """
+  if row.get('measurements'):
+    return {}
+  out = {}
+  for t in row.get('trajectory') or []:
+    chosen = [c for c in by_iteration.get(int(t['iteration']), []) if c.get('chosen')]
+    if chosen:
+      out[int(t['iteration'])] = (float(t['predicted_ms']), float(chosen[0]['real']))
   return out
 
 
@@ -135,6 +159,73 @@ def reproducibility(sets: list[dict[str, np.ndarray]], rng: np.random.Generator)
   return out
 
 
+def selection_quality(sets: list[dict[str, Any]], rng: np.random.Generator) -> dict:
+  """What each way of judging candidates would *pick*, scored against an independent truth.
+
+  A rank correlation weighs every pair of candidates alike; the search only needs the best one.
+  Per iteration (where the current network is known, and each candidate was fine-tuned twice),
+  every judge picks with the search's own criterion — accuracy lost per predicted ms saved,
+  ``candidates.selection_score``, the current accuracy being the committed network's agreement
+  — from its own accuracy estimate: ``v1`` (EagleEye; what TT-MPD's Â reduces to when it keeps
+  v1 alone), the first ``k`` fine-tuning steps, or the whole fine-tuning (NetAdapt). The pick is
+  scored by the *repeat* fine-tuning (another batch order, shared with no judge): its
+  criterion's excess over the best candidate's, converted to accuracy at the pick's saving
+  (``regret_pp``, 0 = the truth's best; mean over iterations with a bootstrap 95% CI, and paired
+  with the whole fine-tuning's over the same iterations), and how often it picks the truth's best.
+  """
+  sets = [s for s in sets if 'current' in s and 'repeats' in s]
+  out: dict[str, Any] = {'iterations': len(sets)}
+  if not sets:
+    return out
+  judges = {'finetuned': lambda s: s['real'], 'v1': lambda s: s['v1_raw']}
+  for k in sorted({k for s in sets for k in s.get('at_steps', {})}):
+    judges[f'{k}_steps'] = lambda s, k=k: s.get('at_steps', {}).get(k)
+  for m in SHORTLISTS:   # v1 shortlists m candidates; only they are fine-tuned.
+    judges[f'v1_top{m}_finetuned'] = lambda s, m=m: _shortlisted(s, s['real'], m)
+    for k in sorted({k for s in sets for k in s.get('at_steps', {})}):
+      judges[f'v1_top{m}_{k}_steps'] = lambda s, m=m, k=k: (
+          None if k not in s.get('at_steps', {}) else _shortlisted(s, s['at_steps'][k], m))
+  regrets: dict[str, dict[int, float]] = {}
+  for name, estimate in judges.items():
+    regrets[name], hits = {}, []
+    for i, s in enumerate(sets):
+      accuracy = estimate(s)
+      if accuracy is None:
+        continue
+      current_ms, current = s['current']
+      saving = np.maximum(current_ms - s['ms'], 1e-9)
+      pick = int(np.argmin(selection_score(current, accuracy, current_ms, s['ms'])))
+      truth = selection_score(current, s['repeats'][:, 0], current_ms, s['ms'])
+      regrets[name][i] = 100.0 * (truth[pick] - truth.min()) * saving[pick]
+      hits.append(float(truth[pick] == truth.min()))
+    values = np.array(list(regrets[name].values()))
+    out[name] = {'iterations': len(values), 'regret_pp_mean': float(values.mean()),
+                 'regret_pp_mean_ci95': mean_ci(values, rng), 'best_picked': float(np.mean(hits))}
+    if name != 'finetuned':   # Paired over the same iterations: what the cheaper judge costs.
+      diff = np.array([r - regrets['finetuned'][i] for i, r in regrets[name].items()])
+      out[name]['minus_finetuned_pp_mean'] = float(diff.mean())
+      out[name]['minus_finetuned_pp_ci95'] = mean_ci(diff, rng)
+  return out
+
+
+SHORTLISTS = (2, 3)
+
+
+def _shortlisted(s: dict[str, Any], accuracy: np.ndarray, m: int) -> np.ndarray:
+  """``accuracy`` for the ``m`` candidates v1's criterion ranks best, −inf-like elsewhere."""
+  current_ms, current = s['current']
+  order = np.argsort(selection_score(current, s['v1_raw'], current_ms, s['ms']))
+  out = np.full(len(accuracy), -1e9)
+  out[order[:m]] = accuracy[order[:m]]
+  return out
+
+
+def mean_ci(values: np.ndarray, rng: np.random.Generator, draws: int = 2000) -> list[float]:
+  """Bootstrap 95% CI of the mean."""
+  boot = rng.choice(values, (draws, len(values))).mean(1)
+  return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+
+
 def median_ci(values: np.ndarray, rng: np.random.Generator, draws: int = 2000) -> tuple:
   values = values[~np.isnan(values)]
   if len(values) == 0:
@@ -167,7 +258,8 @@ def analyse(report: dict[str, Any], seed: int = 0) -> dict[str, Any]:
           'ttmpd_fitted': {'runs': len(fitted), 'median_of_run_medians': median, 'ci95': ci},
           'reproducibility': reproducibility(sets, rng),
           'statistics': statistics_ranking(sets, rng),
-          'cheaper_finetuning': cheaper_finetuning(sets, rng)}
+          'cheaper_finetuning': cheaper_finetuning(sets, rng),
+          'selection': selection_quality(sets, rng)}
 
 
 def plot(result: dict[str, Any], path: str) -> str:
@@ -259,6 +351,20 @@ def main() -> None:
         print(f'  k = {k:<15} {fmt(value)}' + (
             f'   vs a fine-tuning with other batches: {fmt(other)} ({other["iterations"]} '
             'iterations)' if other else ''))
+  selection = result['selection']
+  if selection['iterations']:
+    print(f'what each judge picks, scored by a repeat fine-tuning ({selection["iterations"]} '
+          'iterations; regret: accuracy (pp) the pick loses to the best at its saving, mean):')
+    for name, value in selection.items():
+      if name != 'iterations':
+        paired = ('' if 'minus_finetuned_pp_mean' not in value else
+                  f'; minus fine-tuned {value["minus_finetuned_pp_mean"]:+.2f} '
+                  f'[{value["minus_finetuned_pp_ci95"][0]:+.2f}, '
+                  f'{value["minus_finetuned_pp_ci95"][1]:+.2f}]')
+        print(f'  {name:<19} regret {value["regret_pp_mean"]:.2f} pp '
+              f'[{value["regret_pp_mean_ci95"][0]:.2f}, {value["regret_pp_mean_ci95"][1]:.2f}]'
+              f'{paired}; best picked in {100 * value["best_picked"]:.0f}% '
+              f'({value["iterations"]} iterations)')
   print(f'wrote {out} and {result["plot"]}')
 
 

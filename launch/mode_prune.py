@@ -68,6 +68,9 @@ flags.DEFINE_integer('calibration_iterations', 3, 'TT-MPD fine-tunes the candida
                      'iterations, spread over the run, to fit its accuracy model.')
 flags.DEFINE_integer('calibration_candidates', 0, 'Candidates fine-tuned per calibration '
                      'iteration (0: all).')
+flags.DEFINE_integer('shortlist', 3, 'ttmpd_shortlist: candidates (best first by the accuracy '
+                     'model) short-term fine-tuned per iteration; the best of them by real '
+                     'accuracy is chosen.')
 flags.DEFINE_integer('short_term_steps', 30, 'KD steps of each short-term fine-tuning.')
 flags.DEFINE_integer('ground_truth_repeats', 1, 'Benchmarking: fine-tune every fine-tuned '
                      'candidate this many times (other batch orders) and record the repeats, to '
@@ -131,8 +134,9 @@ def run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -
   if FLAGS.latency_model != 'table':   # Keys of table runs stay those of earlier reports.
     latency['latency_model'] = FLAGS.latency_model
   fields = config.to_json()
-  for name, default in (('ground_truth_repeats', 1), ('ground_truth_steps', ())):
-    if fields[name] == default:   # Benchmarking knobs off: keys of earlier runs stay valid.
+  for name, default in (('ground_truth_repeats', 1), ('ground_truth_steps', ()),
+                        ('shortlist', 3)):
+    if fields[name] == default:   # Knobs added later, at defaults: earlier keys stay valid.
       del fields[name]
   data = json.dumps({'method': method, 'config': fields, 'dataset': dataset,
                      'source': source_path, 'latency': latency,

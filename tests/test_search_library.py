@@ -14,7 +14,7 @@ import pytest
 
 from ttmpd_jax.search import judges, methods as methods_lib, proxy as proxy_lib, registry
 from ttmpd_jax.search.config import ConfigError, SearchConfig
-from ttmpd_jax.search.loop import Proposal, choose
+from ttmpd_jax.search.loop import Proposal, choose, ranking
 from ttmpd_jax.search.proxy import AccuracyModel, spearman
 from ttmpd_jax.search.state import SearchState
 
@@ -46,21 +46,49 @@ def test_choose_passes_over_candidates_that_overshoot_the_target_band():
   assert choose(judges.Judge(), p, np.full(2, np.nan), 10.0, floor_ms=9.5)[0] == 1
 
 
+def _unused_ranking():
+  raise AssertionError('a judge without a shortlist never asks for the ranking')
+
+
 def test_ttmpd_calibrates_at_spread_progress_levels():
   judge = judges.TTMPDJudge(calibration_iterations=3)
   v = np.array([0.5, 0.6, 0.7, 0.8])
-  assert judge.to_finetune(1, 0.0, v, v) == [0, 1, 2, 3]
+  assert judge.to_finetune(1, 0.0, v, v, _unused_ranking) == [0, 1, 2, 3]
   judge.learn(1, v, 1 - v, v + 0.01)
-  assert judge.to_finetune(2, 0.1, v, v) == []           # Below the next level (1/3).
-  assert judge.to_finetune(5, 0.4, v, v) == [0, 1, 2, 3]
+  assert judge.to_finetune(2, 0.1, v, v, _unused_ranking) == []   # Below the next level (1/3).
+  assert judge.to_finetune(5, 0.4, v, v, _unused_ranking) == [0, 1, 2, 3]
   judge.learn(5, v, 1 - v, v)
   assert judge.out_of_sample and judge.out_of_sample[0]['ttmpd'] == pytest.approx(1.0)
   judge.learn(9, v, 1 - v, v)
-  assert judge.to_finetune(12, 0.99, v, v) == []         # Three levels done.
+  assert judge.to_finetune(12, 0.99, v, v, _unused_ranking) == []   # Three levels done.
   restored = judges.TTMPDJudge(3)
   restored.load_json(json.loads(json.dumps(judge.to_json())))
   np.testing.assert_allclose(restored.model.coef, judge.model.coef)
   assert restored.levels_done == 3
+
+
+def test_shortlist_fine_tunes_the_best_by_the_estimate_and_chooses_by_real_accuracy():
+  # Equal savings: Â (v1 before any fit) ranks 0 > 1 > 2 > 3; after fine-tuning, 1 is best.
+  p = _proposal([0.9, 0.8, 0.7, 0.6], [0.1, 0.1, 0.1, 0.1], [8.0, 8.0, 8.0, 8.0])
+  judge = judges.TTMPDJudge(calibration_iterations=0, shortlist=2)
+  order = ranking(judge, p, 10.0)
+  assert list(order) == [0, 1, 2, 3]
+  which = judge.to_finetune(3, 0.5, p.v1, p.v2, lambda: order)
+  assert which == [0, 1]
+  real = np.array([0.85, 0.88, np.nan, np.nan])
+  best, accuracy = choose(judge, p, real, 10.0)   # Only the shortlist competes, by real accuracy.
+  assert best == 1 and accuracy[1] == pytest.approx(0.88) and accuracy[2] == pytest.approx(0.7)
+  # Shortlist points refit Â every iteration without using up a calibration level.
+  judge.learn(3, p.v1, p.v2, real)
+  assert judge.levels_done == 0 and len(judge.points) == 2 and judge.model.fitted
+  assert judge.out_of_sample == []   # Out-of-sample checks are calibration iterations' only.
+  # The ranking passes over candidates that overshoot the band, as choose does.
+  p = _proposal([0.9, 0.8, 0.7], [0.1, 0.1, 0.1], [5.0, 8.0, 8.0])
+  assert list(ranking(judges.TTMPDJudge(shortlist=2), p, 10.0, floor_ms=6.0)) == [1, 2, 0]
+  # Without a shortlist, TT-MPD chooses by Â among all candidates (the paper's method).
+  plain = judges.TTMPDJudge(calibration_iterations=0)
+  assert plain.to_finetune(3, 0.5, p.v1, p.v2, _unused_ranking) == []
+  assert plain.eligible(np.full(3, np.nan)).all()
 
 
 def test_calibration_fits_within_iteration_ranking():
@@ -92,8 +120,8 @@ def test_calibration_keeps_one_variable_when_the_other_is_noise():
 
 
 def test_registry_lists_valid_names_and_refuses_duplicates():
-  assert set(methods_lib.METHODS.names()) == {'ttmpd', 'netadapt', 'eagleeye', 'halp', 'uniform',
-                                             'teacher', 'teacher_bn'}
+  assert set(methods_lib.METHODS.names()) == {'ttmpd', 'ttmpd_shortlist', 'netadapt', 'eagleeye',
+                                             'halp', 'uniform', 'teacher', 'teacher_bn'}
   with pytest.raises(ConfigError, match='method: unknown method .magic.; valid: ttmpd'):
     methods_lib.METHODS.get('magic')
   reg = registry.Registry('thing', 'thing')
@@ -377,3 +405,24 @@ def test_ground_truth_extras_are_recorded_without_changing_the_search_or_its_tim
   assert all(0.0 <= c['real_at_steps']['1'] <= 1.0 for c in candidates)
   assert twice.times['ground_truth'] > 0   # Timed apart from the method's own keys.
   assert 'ground_truth' not in once.times
+
+
+def test_ttmpd_shortlist_fine_tunes_its_shortlist_and_commits_the_best_of_it():
+  config = _CONFIG.replace(calibration_iterations=1, shortlist=2)
+  pruned = methods_lib.METHODS.get('ttmpd_shortlist').prune(_problem(config), config,
+                                                           name='ttmpd_shortlist',
+                                                           log=lambda s: None)
+  candidates = pruned.details['candidates']
+  iterations = sorted({c['iteration'] for c in candidates})
+  assert len(iterations) >= 2
+  first = [c for c in candidates if c['iteration'] == 1]
+  assert all(c['real'] is not None for c in first)   # Calibration: every candidate.
+  for k in iterations[1:]:
+    rows = [c for c in candidates if c['iteration'] == k]
+    tuned = [c for c in rows if c['real'] is not None]
+    assert len(tuned) == min(2, len(rows))            # The shortlist only.
+    chosen = [c for c in rows if c['chosen']]
+    assert chosen[0]['real'] is not None              # Chosen from the shortlist.
+  judge = pruned.details['judge']
+  assert judge['levels_done'] == 1 and judge['shortlist'] == 2
+  assert len(judge['points']) == len(first) + 2 * (len(iterations) - 1)

@@ -16,7 +16,8 @@ import numpy as np
 
 # What the summary compares (reporting choices, not method behaviour): paired accuracy
 # differences, and the method whose prune + fine-tune time is the unit of the time ratio.
-PAIRS = (('ttmpd', 'netadapt'), ('ttmpd', 'eagleeye'))
+PAIRS = (('ttmpd', 'netadapt'), ('ttmpd', 'eagleeye'), ('ttmpd_shortlist', 'netadapt'),
+         ('ttmpd_shortlist', 'eagleeye'), ('ttmpd_shortlist', 'ttmpd'))
 TIME_BASELINE = 'netadapt'
 
 
@@ -127,8 +128,8 @@ def summary_table(summary: Sequence[Mapping[str, Any]]) -> tuple[list[str], list
                  if pruned else '-',
                  _fmt_ci(s['unmeasured_time_ratio_to_netadapt_mean'],
                          s['unmeasured_time_ratio_to_netadapt_ci95']) if pruned else '-',
-                 str(s['distinct_architectures']), pair('ttmpd_minus_netadapt_pp'),
-                 pair('ttmpd_minus_eagleeye_pp')])
+                 str(s['distinct_architectures']), pair(f'{s["method"]}_minus_netadapt_pp'),
+                 pair(f'{s["method"]}_minus_eagleeye_pp')])
   return header, rows
 
 

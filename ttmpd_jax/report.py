@@ -6,7 +6,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ttmpd_jax.fileio import atomic_path
 
-MARKERS = {'ttmpd': ('*', 'tab:red'), 'netadapt': ('s', 'tab:blue'),
+MARKERS = {'ttmpd': ('*', 'tab:red'), 'ttmpd_shortlist': ('X', 'tab:pink'),
+           'netadapt': ('s', 'tab:blue'),
            'eagleeye': ('^', 'tab:green'), 'halp': ('D', 'tab:purple'),
            'uniform': ('v', 'tab:gray'), 'teacher': ('o', 'black'),
            'teacher_bn': ('P', 'tab:orange')}

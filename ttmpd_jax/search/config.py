@@ -33,6 +33,9 @@ class SearchConfig:
     calibration_iterations: TT-MPD fine-tunes candidates in this many iterations to fit Â
       (spread over the run, see ``judges.TTMPDJudge``).
     calibration_candidates: how many candidates per calibration iteration (0: all).
+    shortlist: method ``ttmpd_shortlist``: outside calibration, this many candidates (best first
+      by Â's criterion) are short-term fine-tuned and the best of them by real accuracy is
+      chosen (``judges.TTMPDJudge``). The other methods ignore it.
     short_term_steps, long_term_steps: KD steps per short-term / final fine-tuning.
     ground_truth_repeats: each fine-tuned candidate is fine-tuned this many times, each with
       another batch order; the first run is the one the method uses, the others are recorded
@@ -64,6 +67,7 @@ class SearchConfig:
   bn_batch_size: int = 128
   calibration_iterations: int = 3
   calibration_candidates: int = 0
+  shortlist: int = 3
   short_term_steps: int = 30
   ground_truth_repeats: int = 1
   ground_truth_steps: tuple[int, ...] = ()
@@ -91,7 +95,8 @@ class SearchConfig:
     for name in ('short_term_steps', 'long_term_steps', 'bn_batches', 'calibration_iterations',
                  'calibration_candidates', 'measure_rounds'):
       _check(getattr(self, name) >= 0, name, f'must be >= 0, got {getattr(self, name)}')
-    for name in ('bn_batch_size', 'batch_size', 'max_iterations', 'ground_truth_repeats'):
+    for name in ('bn_batch_size', 'batch_size', 'max_iterations', 'ground_truth_repeats',
+                 'shortlist'):
       _check(getattr(self, name) > 0, name, f'must be positive, got {getattr(self, name)}')
     _check(0.0 < self.heldout_fraction < 1.0, 'heldout_fraction',
            f'must lie in (0, 1), got {self.heldout_fraction}')

@@ -1,9 +1,10 @@
 """How an iterative method judges its candidates: the only thing TT-MPD, NetAdapt and EagleEye
 do differently (``loop.py`` is shared).
 
-A judge answers three questions per iteration (see ``docs/method.md``):
+A judge answers four questions per iteration (see ``docs/method.md``):
 
 * ``to_finetune``: which candidates get a short-term KD fine-tuning (costly, real accuracy);
+* ``eligible``: which candidates may be chosen (all, unless the judge chooses from a shortlist);
 * ``estimate``: each candidate's accuracy (and the current network's), from the two cheap
   variables ``v1`` (agreement with the cached pseudo labels after adaptive BN) and ``v2`` (KL
   to the teacher's soft labels) and from real accuracies where known;
@@ -15,7 +16,7 @@ A judge's state is JSON (``to_json`` / ``from_json``), part of the resumable sea
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -27,11 +28,16 @@ from ttmpd_jax.search.proxy import AccuracyModel, spearman
 class Judge:
   """Base judge: EagleEye's single variable, no fine-tuned candidates."""
 
-  def to_finetune(self, iteration: int, progress: float, v1: np.ndarray,
-                  v2: np.ndarray) -> list[int]:
-    """Indices of candidates to fine-tune; ``progress`` = latency removed / latency to remove."""
-    del iteration, progress, v1, v2
+  def to_finetune(self, iteration: int, progress: float, v1: np.ndarray, v2: np.ndarray,
+                  ranking: Callable[[], np.ndarray]) -> list[int]:
+    """Indices of candidates to fine-tune; ``progress`` = latency removed / latency to remove;
+    ``ranking()`` = candidate indices, best first by this judge's estimate (no real accuracy)."""
+    del iteration, progress, v1, v2, ranking
     return []
+
+  def eligible(self, real: np.ndarray) -> np.ndarray:
+    """Which candidates may be chosen this iteration (``real``: NaN where not fine-tuned)."""
+    return np.ones(len(real), bool)
 
   def estimate(self, v1: np.ndarray, v2: np.ndarray, real: np.ndarray, v1_cur: float,
                v2_cur: float) -> tuple[np.ndarray, float]:
@@ -55,7 +61,7 @@ class Judge:
 class NetAdaptJudge(Judge):
   """Fine-tunes every candidate and judges it by its real short-term accuracy."""
 
-  def to_finetune(self, iteration, progress, v1, v2):
+  def to_finetune(self, iteration, progress, v1, v2, ranking):
     return list(range(len(v1)))
 
   def estimate(self, v1, v2, real, v1_cur, v2_cur):
@@ -76,26 +82,39 @@ class TTMPDJudge(Judge):
     within-iteration deviations (``proxy.AccuracyModel``).
   * ``calibration_candidates`` > 0 fine-tunes only that many candidates per calibration
     iteration, spread over the range of v1.
+  * ``shortlist`` > 0 (method ``ttmpd_shortlist``): outside calibration, Â only *shortlists* —
+    the ``shortlist`` candidates its criterion ranks best are short-term fine-tuned and the best
+    of them by real accuracy is chosen (its fine-tuning is the one committed, so a shortlist of
+    m costs m − 1 extra fine-tunings per iteration). Why: scored against an independent
+    fine-tuning, Â = v1's pick loses about 0.4 pp per iteration to fine-tuning every candidate,
+    a shortlist of 3 of 8 about 0.1 pp (``bench/bench_proxy.py``, selection). The shortlisted
+    candidates' real accuracies also refit Â every iteration.
   """
 
   calibration_iterations: int = 3
   calibration_candidates: int = 0
+  shortlist: int = 0
   model: AccuracyModel = dataclasses.field(default_factory=AccuracyModel)
   points: list[list[float]] = dataclasses.field(default_factory=list)   # [iteration, v1, v2, real]
   levels_done: int = 0
   out_of_sample: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  shortlisting: bool = False   # This iteration's fine-tuned candidates are a shortlist.
 
   @classmethod
-  def create(cls, config: SearchConfig) -> 'TTMPDJudge':
-    return cls(config.calibration_iterations, config.calibration_candidates)
+  def create(cls, config: SearchConfig, shortlist: int = 0) -> 'TTMPDJudge':
+    return cls(config.calibration_iterations, config.calibration_candidates, shortlist)
 
   def _calibrating(self, progress: float) -> bool:
     n = self.calibration_iterations
     return self.levels_done < n and progress >= self.levels_done / max(n, 1) - 1e-9
 
-  def to_finetune(self, iteration, progress, v1, v2):
+  def to_finetune(self, iteration, progress, v1, v2, ranking):
+    self.shortlisting = False
     if not self._calibrating(progress):
-      return []
+      if self.shortlist <= 0:
+        return []
+      self.shortlisting = True
+      return sorted(int(i) for i in ranking()[:self.shortlist])
     order = list(np.argsort(v1))
     count = self.calibration_candidates
     if count <= 0 or count >= len(order):
@@ -104,20 +123,28 @@ class TTMPDJudge(Judge):
     return sorted({order[i] for i in picks})
 
   def estimate(self, v1, v2, real, v1_cur, v2_cur):
-    if len(real) and not np.isnan(real).any():   # A calibration iteration fine-tuned them all.
+    known = ~np.isnan(np.asarray(real, float))
+    if len(real) and known.all():   # A calibration iteration fine-tuned them all.
       return np.asarray(real, float), float(v1_cur)
-    return self.model.predict(v1, v2), float(self.model.predict([v1_cur], [v2_cur])[0])
+    accuracy = self.model.predict(v1, v2)
+    if self.shortlisting:   # Chosen among the shortlist (``eligible``), by real accuracy.
+      return np.where(known, real, accuracy), float(v1_cur)
+    return accuracy, float(self.model.predict([v1_cur], [v2_cur])[0])
+
+  def eligible(self, real):
+    return ~np.isnan(real) if self.shortlisting else np.ones(len(real), bool)
 
   def learn(self, iteration, v1, v2, real):
     known = ~np.isnan(real)
     if not known.any():
       return None
-    if self.model.fitted and known.sum() >= 3:   # Out of sample: fitted before this iteration.
+    calibration = not self.shortlisting
+    if calibration and self.model.fitted and known.sum() >= 3:   # Fitted before this iteration.
       self.out_of_sample.append({'iteration': iteration, 'ttmpd': spearman(
           self.model.predict(v1[known], v2[known]), real[known])})
     self.points += [[iteration, float(a), float(b), float(c)]
                     for a, b, c in zip(v1[known], v2[known], real[known])]
-    self.levels_done += 1
+    self.levels_done += int(calibration)
     p = np.asarray(self.points)
     self.model = AccuracyModel.fit(p[:, 1], p[:, 2], p[:, 3], groups=p[:, 0])
     return f'fitted {self.model.describe()} on {len(p)} fine-tuned candidates'
@@ -126,7 +153,7 @@ class TTMPDJudge(Judge):
     return {'model': self.model.to_json(), 'points': self.points, 'levels_done': self.levels_done,
             'out_of_sample': self.out_of_sample,
             'calibration_iterations': self.calibration_iterations,
-            'calibration_candidates': self.calibration_candidates}
+            'calibration_candidates': self.calibration_candidates, 'shortlist': self.shortlist}
 
   def load_json(self, data):
     self.model = AccuracyModel.from_json(data['model'])

@@ -246,21 +246,41 @@ def ground_truth_extras(run: Run, p: Proposal, which: list[int]) -> None:
   p.real_repeats = np.stack(repeats, 1) if repeats else None
 
 
+def _criterion(judge: Judge, p: Proposal, real: np.ndarray,
+               current_ms: float) -> tuple[np.ndarray, np.ndarray]:
+  accuracy, accuracy_cur = judge.estimate(p.v1, p.v2, real, p.v1_current, p.v2_current)
+  predicted = np.array([c.predicted_ms for c in p.candidates])
+  return selection_score(accuracy_cur, accuracy, current_ms, predicted), accuracy
+
+
+def _allowed(p: Proposal, eligible: np.ndarray, floor_ms: float) -> np.ndarray:
+  """``eligible`` candidates not predicted below ``floor_ms``, unless every eligible one is."""
+  predicted = np.array([c.predicted_ms for c in p.candidates])
+  allowed = eligible & (predicted >= floor_ms)
+  return allowed if allowed.any() else eligible
+
+
 def choose(judge: Judge, p: Proposal, real: np.ndarray, current_ms: float,
            floor_ms: float = 0.0) -> tuple[int, np.ndarray]:
   """The candidate minimising (Â_current − Â_g) / (L_current − L_g); all estimates.
 
-  Candidates predicted below ``floor_ms`` (the lower edge of the target band) are passed over
-  while another candidate is not: per millisecond saved, a coarse step (8 of a 16-channel stem)
-  can look best and overshoot the band, which no later iteration can undo.
+  Only the judge's ``eligible`` candidates compete. Candidates predicted below ``floor_ms`` (the
+  lower edge of the target band) are passed over while another candidate is not: per
+  millisecond saved, a coarse step (8 of a 16-channel stem) can look best and overshoot the
+  band, which no later iteration can undo.
   """
-  accuracy, accuracy_cur = judge.estimate(p.v1, p.v2, real, p.v1_current, p.v2_current)
-  predicted = np.array([c.predicted_ms for c in p.candidates])
-  criterion = selection_score(accuracy_cur, accuracy, current_ms, predicted)
-  overshoot = predicted < floor_ms
-  if not overshoot.all():
-    criterion = np.where(overshoot, np.nan, criterion)
-  return int(np.nanargmin(criterion)), accuracy
+  criterion, accuracy = _criterion(judge, p, real, current_ms)
+  allowed = _allowed(p, judge.eligible(real), floor_ms)
+  return int(np.nanargmin(np.where(allowed, criterion, np.nan))), accuracy
+
+
+def ranking(judge: Judge, p: Proposal, current_ms: float, floor_ms: float = 0.0) -> np.ndarray:
+  """Candidate indices, best first by the judge's estimate before any fine-tuning (those
+  ``choose`` would pass over for overshooting come last)."""
+  nothing = np.full(len(p.candidates), np.nan)
+  criterion, _ = _criterion(judge, p, nothing, current_ms)
+  allowed = _allowed(p, np.ones(len(p.candidates), bool), floor_ms)
+  return np.lexsort((criterion, ~allowed))
 
 
 def commit(run: Run, runner: Optional[KDRunner], variables: Any, p: Proposal, best: int,
@@ -297,14 +317,15 @@ def search_step(run: Run, state: SearchState, variables: Any) -> tuple[SearchSta
     runner = kd_runner(run, k)
     progress = (state.l0_ms - current_ms) / max(state.l0_ms - state.target_ms, 1e-9)
     with _timed(times, 'short_term_ft'):
-      which = run.judge.to_finetune(k, progress, p.v1, p.v2)
+      floor = state.target_ms * (1 - run.config.latency_tolerance)
+      which = run.judge.to_finetune(k, progress, p.v1, p.v2,
+                                    lambda: ranking(run.judge, p, current_ms, floor))
       finetuned, real = finetune_candidates(run, runner, variables, p, which)
     if run.config.ground_truth_repeats > 1 or run.config.ground_truth_steps:
       with _timed(times, 'ground_truth'):
         ground_truth_extras(run, p, which)
     with _timed(times, 'search'):
       note = run.judge.learn(k, p.v1, p.v2, real)
-      floor = state.target_ms * (1 - run.config.latency_tolerance)
       best, accuracy = choose(run.judge, p, real, current_ms, floor)
     with _timed(times, 'short_term_ft' if best not in finetuned else 'search'):
       variables = commit(run, runner, variables, p, best, finetuned)

@@ -4,7 +4,7 @@ Three kinds, one interface — ``method.prune(problem, config, name=..., store=.
 returns a :class:`Pruned` network (before long-term fine-tuning):
 
 * :class:`IterativeMethod` — the shared loop (``loop.py``) with a judge: ``ttmpd``,
-  ``netadapt``, ``eagleeye``;
+  ``ttmpd_shortlist`` (Â shortlists, the shortlist is fine-tuned), ``netadapt``, ``eagleeye``;
 * :class:`OneShotMethod` — an allocator picks a whole architecture at once: ``halp``, ``uniform``;
 * :class:`Reference` — no pruning: ``teacher``, ``teacher_bn``.
 
@@ -352,6 +352,8 @@ def _knapsack(groups, scores, widths, predict, target_ms, round_to):
 
 
 METHODS.register('ttmpd')(IterativeMethod(judges.TTMPDJudge.create))
+METHODS.register('ttmpd_shortlist')(IterativeMethod(
+    lambda config: judges.TTMPDJudge.create(config, shortlist=config.shortlist)))
 METHODS.register('netadapt')(IterativeMethod(lambda config: judges.NetAdaptJudge()))
 METHODS.register('eagleeye')(IterativeMethod(lambda config: judges.Judge()))
 METHODS.register('halp')(OneShotMethod(_knapsack, criterion='taylor'))
