@@ -82,6 +82,12 @@ def test_shortlist_fine_tunes_the_best_by_the_estimate_and_chooses_by_real_accur
   judge.learn(3, p.v1, p.v2, real)
   assert judge.levels_done == 0 and len(judge.points) == 2 and judge.model.fitted
   assert judge.out_of_sample == []   # Out-of-sample checks are calibration iterations' only.
+  # The shortlist is ranked by Â on both sides of the criterion (Â_current, not the current
+  # agreement): with Â = 0.5·v1, candidate 0 loses 0.05 per ms, candidate 1 0.0625.
+  fitted = judges.TTMPDJudge(calibration_iterations=0, shortlist=1,
+                             model=AccuracyModel(np.array([0.0, 0.5, 0.0]), True))
+  q = _proposal([0.9, 0.5], [0.0, 0.0], [9.0, 6.0])
+  assert fitted.to_finetune(2, 0.5, q.v1, q.v2, lambda: ranking(fitted, q, 10.0)) == [0]
   # The ranking passes over candidates that overshoot the band, as choose does.
   p = _proposal([0.9, 0.8, 0.7], [0.1, 0.1, 0.1], [5.0, 8.0, 8.0])
   assert list(ranking(judges.TTMPDJudge(shortlist=2), p, 10.0, floor_ms=6.0)) == [1, 2, 0]

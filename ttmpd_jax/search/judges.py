@@ -113,8 +113,9 @@ class TTMPDJudge(Judge):
     if not self._calibrating(progress):
       if self.shortlist <= 0:
         return []
+      picks = sorted(int(i) for i in ranking()[:self.shortlist])   # By Â, current Â included.
       self.shortlisting = True
-      return sorted(int(i) for i in ranking()[:self.shortlist])
+      return picks
     order = list(np.argsort(v1))
     count = self.calibration_candidates
     if count <= 0 or count >= len(order):
