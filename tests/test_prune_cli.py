@@ -127,7 +127,7 @@ def test_unreachable_target_stops_at_best_reachable(shared):
 
 @pytest.mark.parametrize('flag,needle', [('--latency_target=1.0', 'latency_target'),
                                          ('--latency_target=0', 'latency_target'),
-                                         ('--method=magic', 'ttmpd, netadapt'),
+                                         ('--method=magic', 'ttmpd, ttmpd_shortlist, netadapt'),
                                          ('--kd=sometimes', '--kd')])
 def test_bad_prune_flags(tmp_path, flag, needle):
   assert_user_error(run_main('--mode=prune', f'--output_dir={tmp_path}', flag), needle)

@@ -30,7 +30,9 @@ def _predict(widths):
 def test_keep_counts_are_multiples_and_never_empty():
   assert keep_counts(16, 4) == [12, 8, 4]
   assert keep_counts(18, 4) == [16, 12, 8, 4]
-  assert keep_counts(3, 4) == [2, 1]
+  assert keep_counts(3, 4) == [2, 1]        # Smaller than round_to: one channel at a time.
+  assert keep_counts(8, 8) == []            # At round_to: never off the multiple.
+  assert keep_counts(9, 8) == [8]
   assert keep_counts(1, 4) == []
 
 
@@ -136,5 +138,6 @@ def test_bad_budgets(kwargs, needle):
 
 
 def test_unknown_method_lists_methods():
-  with pytest.raises(ConfigError, match='ttmpd, netadapt, eagleeye, halp, uniform, teacher'):
+  with pytest.raises(ConfigError,
+                     match='ttmpd, ttmpd_shortlist, netadapt, eagleeye, halp, uniform, teacher'):
     METHODS.get('magic')

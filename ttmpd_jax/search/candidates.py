@@ -41,10 +41,12 @@ def width_keys(group: ChannelGroup) -> tuple[str, ...]:
 def keep_counts(size: int, round_to: int) -> list[int]:
   """Admissible smaller kept counts of a group of ``size``, largest first.
 
-  Multiples of ``round_to`` below ``size``; a group no larger than ``round_to`` can shrink one
-  channel at a time (never to zero).
+  Multiples of ``round_to`` below ``size``; a group *smaller* than ``round_to`` can shrink one
+  channel at a time (never to zero). A group of exactly ``round_to`` channels stays: below it,
+  counts are off the multiple, whose kernels are slower on CPU and GPU alike — in the grid a
+  stem cut from 8 to 7 channels measured 0.756 of the teacher where 0.615 was predicted.
   """
-  if size <= round_to:
+  if size < round_to:
     return list(range(size - 1, 0, -1))
   top = (size - 1) // round_to * round_to
   return list(range(top, 0, -round_to))

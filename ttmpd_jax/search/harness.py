@@ -29,7 +29,7 @@ from ttmpd_jax.search.state import IterationStore
 # Bumped whenever a change alters what a method returns for the same inputs (search, measurement,
 # fine-tuning): part of every run's identity, so a resumed benchmark never mixes rows computed by
 # different versions of the method.
-RESULT_VERSION = 5   # 5: the latency model splits unit costs by fusion regime.
+RESULT_VERSION = 6   # 6: a group at round_to channels is not cut below; 5: fusion regimes.
 
 Log = Callable[[str], None]
 
