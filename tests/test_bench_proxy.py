@@ -94,3 +94,30 @@ def test_cheaper_finetunings_are_ranked_per_step_count():
       c['real_repeats'] = [-c['real']]
   other = bench_proxy.analyse(report)['cheaper_finetuning']['5']['vs_other_batch_order']
   assert other['median'] == -1.0 and other['iterations'] == 8
+
+
+def test_selection_replays_each_judge_against_the_repeat_fine_tuning():
+  # Two iterations of one run without measurements; equal savings, so the criterion is the
+  # accuracy. Candidate 3 is the best by the repeat; v1 prefers 0; the fine-tuning prefers 3.
+  def candidates(k, chosen):
+    v1 = [0.9, 0.5, 0.6, 0.7, 0.4]
+    real = [0.80, 0.70, 0.72, 0.85, 0.60]
+    repeat = [0.79, 0.70, 0.73, 0.86, 0.61]
+    return [{'iteration': k, 'v1': v1[i], 'v2': 0.1, 'real': real[i], 'predicted_ms': 8.0,
+             'real_repeats': [repeat[i]], 'chosen': i == chosen} for i in range(5)]
+  run = {'method': 'netadapt', 'run_key': 'k', 'measurements': [],
+         'candidates': candidates(1, 3) + candidates(2, 3) + candidates(3, 3),
+         'trajectory': [{'iteration': k, 'predicted_ms': 10.0} for k in (1, 2, 3)]}
+  selection = bench_proxy.analyse({'runs': [run]})['selection']
+  assert selection['iterations'] == 2              # Iteration 1 has no known current network.
+  assert selection['finetuned']['regret_pp_mean'] == 0.0
+  assert selection['finetuned']['best_picked'] == 1.0
+  # v1 picks candidate 0, which the repeat scores 0.79 against 0.86 for candidate 3: 7 pp.
+  assert abs(selection['v1']['regret_pp_mean'] - 7.0) < 1e-6
+  assert abs(selection['v1']['minus_finetuned_pp_mean'] - 7.0) < 1e-6
+  # A shortlist of v1's top 3 (0, 3, 2) fine-tuned finds candidate 3; of its top 2 (0, 3) too.
+  assert selection['v1_top3_finetuned']['regret_pp_mean'] == 0.0
+  assert selection['v1_top2_finetuned']['regret_pp_mean'] == 0.0
+  # A run that measured may have stepped back: its iterations do not chain, it is left out.
+  run['measurements'] = [{'ratio': 0.6}]
+  assert bench_proxy.analyse({'runs': [run]})['selection'] == {'iterations': 0}
