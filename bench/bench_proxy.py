@@ -177,12 +177,13 @@ def selection_quality(sets: list[dict[str, Any]], rng: np.random.Generator) -> d
   out: dict[str, Any] = {'iterations': len(sets)}
   if not sets:
     return out
+  steps = sorted({k for s in sets for k in s.get('at_steps', {})})
   judges = {'finetuned': lambda s: s['real'], 'v1': lambda s: s['v1_raw']}
-  for k in sorted({k for s in sets for k in s.get('at_steps', {})}):
+  for k in steps:
     judges[f'{k}_steps'] = lambda s, k=k: s.get('at_steps', {}).get(k)
   for m in SHORTLISTS:   # v1 shortlists m candidates; only they are fine-tuned.
     judges[f'v1_top{m}_finetuned'] = lambda s, m=m: _shortlisted(s, s['real'], m)
-    for k in sorted({k for s in sets for k in s.get('at_steps', {})}):
+    for k in steps:
       judges[f'v1_top{m}_{k}_steps'] = lambda s, m=m, k=k: (
           None if k not in s.get('at_steps', {}) else _shortlisted(s, s['at_steps'][k], m))
   regrets: dict[str, dict[int, float]] = {}

@@ -246,16 +246,14 @@ def ground_truth_extras(run: Run, p: Proposal, which: list[int]) -> None:
   p.real_repeats = np.stack(repeats, 1) if repeats else None
 
 
-def _criterion(judge: Judge, p: Proposal, real: np.ndarray,
-               current_ms: float) -> tuple[np.ndarray, np.ndarray]:
+def _criterion(judge: Judge, p: Proposal, real: np.ndarray, current_ms: float,
+               predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   accuracy, accuracy_cur = judge.estimate(p.v1, p.v2, real, p.v1_current, p.v2_current)
-  predicted = np.array([c.predicted_ms for c in p.candidates])
   return selection_score(accuracy_cur, accuracy, current_ms, predicted), accuracy
 
 
-def _allowed(p: Proposal, eligible: np.ndarray, floor_ms: float) -> np.ndarray:
+def _allowed(predicted: np.ndarray, eligible: np.ndarray, floor_ms: float) -> np.ndarray:
   """``eligible`` candidates not predicted below ``floor_ms``, unless every eligible one is."""
-  predicted = np.array([c.predicted_ms for c in p.candidates])
   allowed = eligible & (predicted >= floor_ms)
   return allowed if allowed.any() else eligible
 
@@ -269,17 +267,18 @@ def choose(judge: Judge, p: Proposal, real: np.ndarray, current_ms: float,
   millisecond saved, a coarse step (8 of a 16-channel stem) can look best and overshoot the
   band, which no later iteration can undo.
   """
-  criterion, accuracy = _criterion(judge, p, real, current_ms)
-  allowed = _allowed(p, judge.eligible(real), floor_ms)
+  predicted = np.array([c.predicted_ms for c in p.candidates])
+  criterion, accuracy = _criterion(judge, p, real, current_ms, predicted)
+  allowed = _allowed(predicted, judge.eligible(real), floor_ms)
   return int(np.nanargmin(np.where(allowed, criterion, np.nan))), accuracy
 
 
 def ranking(judge: Judge, p: Proposal, current_ms: float, floor_ms: float = 0.0) -> np.ndarray:
   """Candidate indices, best first by the judge's estimate before any fine-tuning (those
   ``choose`` would pass over for overshooting come last)."""
-  nothing = np.full(len(p.candidates), np.nan)
-  criterion, _ = _criterion(judge, p, nothing, current_ms)
-  allowed = _allowed(p, np.ones(len(p.candidates), bool), floor_ms)
+  predicted = np.array([c.predicted_ms for c in p.candidates])
+  criterion, _ = _criterion(judge, p, np.full(len(predicted), np.nan), current_ms, predicted)
+  allowed = _allowed(predicted, np.ones(len(predicted), bool), floor_ms)
   return np.lexsort((criterion, ~allowed))
 
 
