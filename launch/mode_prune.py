@@ -138,10 +138,12 @@ def run_key(method: str, config: SearchConfig, dataset: str, source_path: str) -
                         ('shortlist', 3)):
     if fields[name] == default:   # Knobs added later, at defaults: earlier keys stay valid.
       del fields[name]
-  data = json.dumps({'method': method, 'config': fields, 'dataset': dataset,
-                     'source': source_path, 'latency': latency,
-                     'version': harness.RESULT_VERSION},
-                    sort_keys=True)
+  identity = {'method': method, 'config': fields, 'dataset': dataset, 'source': source_path,
+              'latency': latency, 'version': harness.RESULT_VERSION}
+  revision = getattr(METHODS.get(method), 'revision', 0)   # Optional on a method.
+  if revision:   # A change to one method's results: the other methods' rows stay valid.
+    identity['method_revision'] = revision
+  data = json.dumps(identity, sort_keys=True)
   return hashlib.sha256(data.encode()).hexdigest()[:12]
 
 

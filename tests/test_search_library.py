@@ -335,25 +335,71 @@ def test_tied_forms_go_to_the_simplest():
   assert model.coef[2] == 0.0 and model.coef[1] > 0
 
 
-def test_one_shot_methods_end_on_the_allocation_measured_closest_to_the_target(monkeypatch):
+def _measured_as(monkeypatch, problem, bias):
+  """Measurements faked as ``bias(predicted ratio) * predicted ratio``; returns the widths
+  measured, in order."""
   from ttmpd_jax.models.common import widths_from_variables
   from ttmpd_jax.search.measure import Measurement
-  config = dataclasses.replace(_CONFIG, measure_rounds=3, latency_tolerance=0.03)
-  problem = _problem(config)
-  ratios = [0.70, 0.64, 0.52, 0.67]   # None in 0.6 ± 3%; 0.64 is the closest.
-  seen = []
+  l0, seen = problem.latency.predict(), []
 
   def fake(problem, variables, log):
-    seen.append(widths_from_variables(variables))
-    r = ratios[len(seen) - 1]
+    widths = widths_from_variables(variables)
+    seen.append(widths)
+    predicted = problem.latency.predict(widths) / l0
+    r = bias(predicted) * predicted
     return Measurement(100.0, 100.0 * r, 0.01, 0.0, True, r)
   monkeypatch.setattr(methods_lib, 'measure_network', fake)
+  return seen
+
+
+def test_one_shot_method_stops_when_no_allocation_lies_in_the_band(monkeypatch):
+  # Uniform allocations of _Net are predicted at ..., 0.553, 0.632, ... of the teacher: none in
+  # 0.6 ± 3%. Measured as predicted, the correction leads back to 0.553; the neighbour 0.632 is
+  # tried, then the interpolated target leads back to 0.553 again: stop, never measure twice.
+  from ttmpd_jax.models.common import widths_from_variables
+  config = dataclasses.replace(_CONFIG, measure_rounds=4, latency_tolerance=0.03)
+  problem = _problem(config)
+  seen = _measured_as(monkeypatch, problem, lambda p: 1.0)
   lines = []
   pruned = methods_lib.METHODS.get('uniform').prune(problem, config, name='uniform',
                                                     log=lines.append)
-  assert len(seen) == 4 and not pruned.reached_target
+  ratios = [m['ratio'] for m in pruned.measurements]
+  assert np.allclose(ratios, [0.5526, 0.6316], atol=1e-3), ratios
+  assert len(seen) == 2 and seen[0] != seen[1] and not pruned.reached_target
+  # The closest to the target (0.632) is kept, and the message says why the band was missed.
   assert widths_from_variables(pruned.variables) == seen[1]
-  assert 'measured 0.640' in pruned.message and any('closest' in l for l in lines)
+  assert 'no allocation in the band' in pruned.message and 'measured 0.632' in pruned.message
+
+
+def test_one_shot_method_interpolates_between_measurements_on_both_sides(monkeypatch):
+  # The predictor errs differently per network: 0.553 predicted measures 0.600 (too slow for
+  # 0.56 ± 1%), the correction picks 0.500, measured 0.500 (too fast); a correction from that one
+  # alone would go back to 0.553 — interpolating between the two aims at 0.532 predicted and
+  # picks 0.526, measured 0.558: in the band.
+  config = dataclasses.replace(_CONFIG, latency_target=0.56, measure_rounds=4,
+                               latency_tolerance=0.01)
+  problem = _problem(config)
+  seen = _measured_as(monkeypatch, problem,
+                      lambda p: {0.553: 1.085, 0.526: 1.06}.get(round(p, 3), 1.0))
+  pruned = methods_lib.METHODS.get('uniform').prune(problem, config, name='uniform',
+                                                    log=lambda s: None)
+  ratios = [round(m['predicted_ratio'], 3) for m in pruned.measurements]
+  assert ratios == [0.553, 0.5, 0.526], ratios
+  assert pruned.reached_target and len({json.dumps(w, sort_keys=True) for w in seen}) == 3
+
+
+def test_bracketed_target_and_neighbour():
+  from ttmpd_jax.search import oneshot
+  one_side = [{'ratio': 0.66, 'predicted_ratio': 0.60}]
+  assert oneshot.bracketed_target_ms(one_side, 10.0, 0.6) == pytest.approx(10 * 0.6 / 1.1)
+  both = one_side + [{'ratio': 0.50, 'predicted_ratio': 0.54},
+                     {'ratio': 0.40, 'predicted_ratio': 0.40}]
+  # Between (0.54 -> 0.50) and (0.60 -> 0.66): 0.6 is 5/8 of the way, predicted 0.5775.
+  assert oneshot.bracketed_target_ms(both, 10.0, 0.6) == pytest.approx(5.775)
+  steps = lambda t: ({'a': int(t)}, {})   # An allocator whose result changes at whole ms.
+  assert oneshot.neighbour(steps, 5.5, {'a': 5}, True, 10.0)[0] == {'a': 6}
+  assert oneshot.neighbour(steps, 5.5, {'a': 5}, False, 10.0)[0] == {'a': 4}
+  assert oneshot.neighbour(lambda t: ({'a': 1}, {}), 5.5, {'a': 1}, True, 10.0) is None
 
 
 def test_resumed_run_ending_on_another_student_keeps_the_old_fine_tuning(tmp_path, searched):

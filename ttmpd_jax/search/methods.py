@@ -13,7 +13,8 @@ against the teacher, and while the measured ratio misses ``latency_target ± lat
 the predicted target is corrected from the measurement and the method continues (or steps back)
 — at most ``measure_rounds`` times (a one-shot method then ends on the allocation measured closest
 to the target). Adding a method = one class (or one judge/allocator) and one
-``METHODS.register`` line.
+``METHODS.register`` line; a method has ``prunes`` and, optionally, ``revision`` (a change that
+alters only its results bumps it, so the launcher's resume key drops only its finished rows).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class IterativeMethod:
 
   judge: Callable[[SearchConfig], judges.Judge]
   prunes: bool = True
+  revision: int = 0   # Enters the run key when not 0 (see OneShotMethod).
 
   def prune(self, problem: Problem, config: SearchConfig, *, name: str,
             store: Optional[IterationStore] = None, log: Log = print) -> Pruned:
@@ -258,11 +260,23 @@ def _measure_into(run: Run, state: SearchState, variables: Any, iteration: int) 
 @dataclasses.dataclass(frozen=True)
 class OneShotMethod:
   """An allocator ``(groups, scores, widths, predict, target_ms, round_to) -> (counts, extra)``
-  picks kept channels per group at once; ``criterion`` scores channels (None: the config's)."""
+  picks kept channels per group at once; ``criterion`` scores channels (None: the config's).
+
+  Meeting the measured target (design choice): an allocator moves in discrete jumps, so the
+  corrected target may lead back to an allocation already measured — it is then never measured
+  again; the neighbouring allocation on the side the measurement asks for is tried instead
+  (:func:`oneshot.neighbour`), and when that one is measured too, no allocation lies in the band
+  between them and the method stops ("no allocation in the band"). Once measurements lie on both
+  sides of the target, the next predicted target is interpolated between the closest pair
+  (:func:`oneshot.bracketed_target_ms`) rather than corrected from the latest one alone, which
+  made an allocator oscillate between two networks. ``revision`` enters the run key of the
+  methods it is not 0 for (results of earlier revisions are not reused).
+  """
 
   allocate: Callable[..., tuple[dict[str, int], dict[str, Any]]]
   criterion: Optional[str] = None
   prunes: bool = True
+  revision: int = 1   # 1: no allocation measured twice; neighbours; bracketed targets.
 
   def prune(self, problem: Problem, config: SearchConfig, *, name: str,
             store: Optional[IterationStore] = None, log: Log = print) -> Pruned:
@@ -276,10 +290,16 @@ class OneShotMethod:
       groups = discover_groups(problem.model, teacher, example_input(problem))
       scores = make_scorer(self.criterion or config.importance, problem.model, groups,
                            problem.data, seed=config.seed)(teacher)
-    tried = []   # (variables, counts, extra) of each measured allocation, as measurements.
+
+    def allocate(target):
+      return self.allocate(groups, scores, full, problem.latency.predict, target,
+                           config.round_to)
+
+    tried: dict[tuple, int] = {}   # Allocation -> index of its measurement.
+    choices = []                   # (variables, counts, extra) of each measured allocation.
+    stop = ''
+    counts, extra = allocate(target_ms)
     for _ in range(config.measure_rounds + 1):
-      counts, extra = self.allocate(groups, scores, full, problem.latency.predict, target_ms,
-                                    config.round_to)
       variables = remove_channels(teacher, groups, oneshot.masks_for_counts(scores, groups,
                                                                             counts))
       predicted = problem.latency.predict(widths_from_variables(variables))
@@ -291,20 +311,34 @@ class OneShotMethod:
       met = measure.within(m.ratio, config.latency_target, config.latency_tolerance)
       measurements.append(_measurement_row(m, predicted, l0, widths_from_variables(variables),
                                            met_target=met, **extra))
-      tried.append((variables, counts, extra))
+      tried[oneshot.allocation_key(counts)] = len(choices)
+      choices.append((variables, counts, extra))
       log(f'[{name}] measured {m.ratio:.3f} of the teacher (predicted {predicted / l0:.3f})')
-      if met:
+      if met or len(measurements) > config.measure_rounds:
         break
-      target_ms = measure.corrected_target_ms(m.ratio, predicted, l0, config.latency_target)
+      target_ms = oneshot.bracketed_target_ms(measurements, l0, config.latency_target)
+      counts, extra = allocate(target_ms)
+      again = tried.get(oneshot.allocation_key(counts))
+      if again is not None:
+        slower = measurements[again]['ratio'] < config.latency_target
+        found = oneshot.neighbour(allocate, target_ms, counts, slower, l0)
+        if found is None or oneshot.allocation_key(found[0]) in tried:
+          stop = ('no allocation in the band: the allocations on either side of it are measured'
+                  if found is not None else
+                  f'no {"slower" if slower else "faster"} allocation than one measured '
+                  f'{measurements[again]["ratio"]:.3f}')
+          log(f'[{name}] {stop}')
+          break
+        counts, extra = found
     final = None
     if measurements:
       # The allocation measured closest to the target: the in-band one if any, else — the
-      # corrections ran out — not necessarily the last (an allocator moves in discrete jumps).
+      # corrections ran out, or no allocation lies in the band — not necessarily the last.
       best = min(range(len(measurements)),
                  key=lambda i: abs(measurements[i]['ratio'] - config.latency_target))
       final = measurements[best]
+      variables, counts, extra = choices[best]
       if best != len(measurements) - 1:
-        variables, counts, extra = tried[best]
         log(f'[{name}] taking the allocation measured closest to the target '
             f'({final["ratio"]:.3f})')
     reached = final['met_target'] if final else predicted <= target_ms
@@ -314,6 +348,8 @@ class OneShotMethod:
     elif not extra.get('predicted_reached', True):
       message = (f'latency target unreachable: no allocation with round_to={config.round_to} '
                  f'reaches it as predicted, kept the fastest one{measured}')
+    elif stop:
+      message = f'latency target missed: {stop}{measured}'
     else:
       message = f'latency target missed after {len(measurements)} measurements{measured}'
     times = {'search': time.time() - start - measure_s, 'measure': measure_s}
@@ -328,6 +364,7 @@ class Reference:
 
   adapt_bn: bool = False
   prunes: bool = False
+  revision: int = 0
 
   def prune(self, problem: Problem, config: SearchConfig, *, name: str,
             store: Optional[IterationStore] = None, log: Log = print) -> Pruned:

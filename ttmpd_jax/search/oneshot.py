@@ -6,11 +6,12 @@ harness fine-tunes it (long-term KD) with the same budget as everyone else.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ttmpd_jax.pruning.graph import ChannelGroup
+from ttmpd_jax.search import measure
 from ttmpd_jax.pruning.masks import masks_from_scores, round_keep
 from ttmpd_jax.search.candidates import keep_counts, width_keys
 
@@ -98,3 +99,55 @@ def masks_for_counts(scores: Mapping[str, np.ndarray], groups: Sequence[ChannelG
                      counts: Mapping[str, int]) -> dict[str, np.ndarray]:
   """Keeps the ``counts[g]`` highest-scoring channels of each group."""
   return masks_from_scores({n: scores[n] for n in counts}, groups, dict(counts))
+
+
+def allocation_key(counts: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
+  """An allocation as a hashable value (equal counts, equal key)."""
+  return tuple(sorted((k, int(v)) for k, v in counts.items()))
+
+
+def bracketed_target_ms(measurements: Sequence[Mapping[str, float]], l0_ms: float,
+                        target: float) -> float:
+  """The predicted-ms target of the next allocation, from the measurements so far.
+
+  Each measurement has a measured ``ratio`` and a ``predicted_ratio``. Design choice: while every
+  measurement lies on one side of ``target``, the latest one corrects the target
+  multiplicatively (:func:`measure.corrected_target_ms`); once they bracket it, the target is
+  interpolated linearly in (predicted, measured) between the closest measurement below and the
+  closest above. A local correction from one side alone would jump back to the other side's
+  allocation when the predictor's error differs between them (seen: an allocator alternating
+  between networks measured 0.65 and 0.52 for a 0.6 target).
+  """
+  below = [m for m in measurements if m['ratio'] < target]
+  above = [m for m in measurements if m['ratio'] >= target]
+  if not below or not above:
+    last = measurements[-1]
+    return measure.corrected_target_ms(last['ratio'], last['predicted_ratio'] * l0_ms, l0_ms,
+                                       target)
+  lo = max(below, key=lambda m: m['ratio'])
+  hi = min(above, key=lambda m: m['ratio'])
+  if hi['predicted_ratio'] == lo['predicted_ratio'] or hi['ratio'] == lo['ratio']:
+    return 0.5 * (lo['predicted_ratio'] + hi['predicted_ratio']) * l0_ms
+  share = (target - lo['ratio']) / (hi['ratio'] - lo['ratio'])
+  return (lo['predicted_ratio'] + share * (hi['predicted_ratio'] - lo['predicted_ratio'])) * l0_ms
+
+
+def neighbour(allocate: Callable[[float], tuple[dict[str, int], dict]], target_ms: float,
+              counts: Mapping[str, int], slower: bool, l0_ms: float, step: float = 0.01,
+              max_steps: int = 60) -> Optional[tuple[dict[str, int], dict]]:
+  """The first allocation other than ``counts`` met by moving ``target_ms`` up (``slower``) or
+  down in steps of ``step`` of the teacher's predicted latency; None if there is none.
+
+  An allocator's result is a step function of the target: the next step up (down) is the
+  neighbouring allocation, which is what a measurement just outside the band asks for when the
+  corrected target falls on the same step.
+  """
+  key = allocation_key(counts)
+  for k in range(1, max_steps + 1):
+    trial = target_ms + (k if slower else -k) * step * l0_ms
+    if trial <= 0 or trial > l0_ms * (1 + step):
+      return None
+    found = allocate(trial)
+    if allocation_key(found[0]) != key:
+      return found
+  return None
