@@ -317,19 +317,12 @@ class OneShotMethod:
       if met or len(measurements) > config.measure_rounds:
         break
       target_ms = oneshot.bracketed_target_ms(measurements, l0, config.latency_target)
-      counts, extra = allocate(target_ms)
-      again = tried.get(oneshot.allocation_key(counts))
-      if again is not None:
-        slower = measurements[again]['ratio'] < config.latency_target
-        found = oneshot.neighbour(allocate, target_ms, counts, slower, l0)
-        if found is None or oneshot.allocation_key(found[0]) in tried:
-          stop = ('no allocation in the band: the allocations on either side of it are measured'
-                  if found is not None else
-                  f'no {"slower" if slower else "faster"} allocation than one measured '
-                  f'{measurements[again]["ratio"]:.3f}')
-          log(f'[{name}] {stop}')
-          break
-        counts, extra = found
+      found, stop = _unmeasured_allocation(allocate, target_ms, tried, measurements,
+                                           config.latency_target, l0)
+      if found is None:
+        log(f'[{name}] {stop}')
+        break
+      counts, extra = found
     final = None
     if measurements:
       # The allocation measured closest to the target: the in-band one if any, else — the
@@ -342,20 +335,45 @@ class OneShotMethod:
         log(f'[{name}] taking the allocation measured closest to the target '
             f'({final["ratio"]:.3f})')
     reached = final['met_target'] if final else predicted <= target_ms
-    measured = (f'; its network measured {final["ratio"]:.3f} of the teacher' if final else '')
-    if reached:
-      message = 'latency target reached'
-    elif not extra.get('predicted_reached', True):
-      message = (f'latency target unreachable: no allocation with round_to={config.round_to} '
-                 f'reaches it as predicted, kept the fastest one{measured}')
-    elif stop:
-      message = f'latency target missed: {stop}{measured}'
-    else:
-      message = f'latency target missed after {len(measurements)} measurements{measured}'
+    message = _one_shot_message(bool(reached), final, extra, stop, len(measurements),
+                                config.round_to)
     times = {'search': time.time() - start - measure_s, 'measure': measure_s}
     masks = oneshot.masks_for_counts(scores, groups, counts)
     return Pruned(variables, times, [counter.count], bool(reached), message, measurements,
                   dict(extra), masks={k: np.asarray(v, bool) for k, v in masks.items()})
+
+
+def _unmeasured_allocation(allocate: Callable[[float], tuple[dict[str, int], dict[str, Any]]],
+                           target_ms: float, tried: dict[tuple, int],
+                           measurements: list[dict[str, Any]], target: float, l0_ms: float
+                           ) -> tuple[Optional[tuple[dict[str, int], dict[str, Any]]], str]:
+  """The allocation to measure next, aiming at ``target_ms`` but never one measured before:
+  ``(allocation, '')``, or ``(None, why)`` when no allocation is left to try."""
+  found = allocate(target_ms)
+  again = tried.get(oneshot.allocation_key(found[0]))
+  if again is None:
+    return found, ''
+  slower = measurements[again]['ratio'] < target
+  found = oneshot.neighbour(allocate, target_ms, found[0], slower, l0_ms)
+  if found is None:
+    return None, (f'no {"slower" if slower else "faster"} allocation than the one measured '
+                  f'{measurements[again]["ratio"]:.3f}')
+  if oneshot.allocation_key(found[0]) in tried:
+    return None, 'no allocation in the band: the allocations on either side of it are measured'
+  return found, ''
+
+
+def _one_shot_message(reached: bool, final: Optional[dict[str, Any]], extra: dict[str, Any],
+                      stop: str, n_measured: int, round_to: int) -> str:
+  measured = (f'; its network measured {final["ratio"]:.3f} of the teacher' if final else '')
+  if reached:
+    return 'latency target reached'
+  if not extra.get('predicted_reached', True):
+    return (f'latency target unreachable: no allocation with round_to={round_to} reaches it as '
+            f'predicted, kept the fastest one{measured}')
+  if stop:
+    return f'latency target missed: {stop}{measured}'
+  return f'latency target missed after {n_measured} measurements{measured}'
 
 
 @dataclasses.dataclass(frozen=True)
