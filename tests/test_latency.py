@@ -369,12 +369,14 @@ def test_build_measures_once_then_reuses_and_remeasures_loaded_probes(tmp_path, 
   path = str(tmp_path / 'table.json')
   table = LatencyTable.open(path, key=FAKE_KEY, log=QUIET)
   p = LatencyPredictor.from_model(model, _abstract(model, (8, 8, 2)), (4, 8, 8, 2), table,
-                                  round_to=2, random_probes=2, probes_per_group=1, repeats=3,
+                                  round_to=2, random_probes=2, probes_per_group=1, repeats=7,
                                   warmup=1, log=QUIET)
   design = p.design()
   assert table.measured == len(design) == len(table) and p.fit.n == len(design)
   entry = table.get(p.entry_key(None))
-  assert entry['ratio'] == pytest.approx(1.0, abs=0.5) and entry['ms'] > 0
+  # The model timed against itself: a ratio near 1 (calls of tens of microseconds on a shared
+  # 2-core VM: within a factor of 2, not of a few percent).
+  assert 0.5 < entry['ratio'] < 2.0 and entry['ms'] > 0
   assert all(e['ms'] > 0 and e['ratio'] > 0 for e in table.entries.values())
   assert p.predict() > 0 and p.predict({'a': 2, 'b': 1}) > 0
 
