@@ -118,3 +118,17 @@ def corrected_target_ms(measured_ratio: float, predicted_ms: float, l0_ms: float
   """
   c = measured_ratio / max(predicted_ms / l0_ms, 1e-9)
   return target / max(c, 1e-9) * l0_ms
+
+
+def interpolated_target_ms(slow: tuple[float, float], fast: tuple[float, float],
+                           target: float) -> float:
+  """The predicted ms at which the line through two measured networks, each ``(measured ratio,
+  predicted ms)`` — ``slow`` at or above ``target``, ``fast`` below it — meets ``target``.
+
+  Design choice: once measurements bracket the target, both of them inform the next aim; a
+  correction from one side alone jumps back to the other side when the predictor errs
+  differently on the two networks.
+  """
+  (r_slow, p_slow), (r_fast, p_fast) = slow, fast
+  share = (r_slow - target) / max(r_slow - r_fast, 1e-9)
+  return p_slow - share * (p_slow - p_fast)

@@ -195,9 +195,9 @@ class IterativeMethod:
     state.stepped_back.append(back)
     p_lo, p_hi = (problem.latency.predict(widths_from_variables(snapshots[k][0]))
                   for k in (keys[lo], keys[hi]))
-    share = (ratios[keys[lo]] - config.latency_target) / max(
-        ratios[keys[lo]] - ratios[keys[hi]], 1e-9)
-    state.target_ms = p_lo - share * (p_lo - p_hi)
+    state.target_ms = measure.interpolated_target_ms((ratios[keys[lo]], p_lo),
+                                                     (ratios[keys[hi]], p_hi),
+                                                     config.latency_target)
     variables, state.kept = snapshots[back][0], dict(snapshots[back][1])
     run.log(f'[{state.method}] stepping back to the network of iteration {back}, aiming at '
             f'{state.target_ms:.2f} ms predicted')

@@ -11,8 +11,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from ttmpd_jax.pruning.graph import ChannelGroup
-from ttmpd_jax.search import measure
 from ttmpd_jax.pruning.masks import masks_from_scores, round_keep
+from ttmpd_jax.search import measure
 from ttmpd_jax.search.candidates import keep_counts, width_keys
 
 
@@ -113,10 +113,9 @@ def bracketed_target_ms(measurements: Sequence[Mapping[str, float]], l0_ms: floa
   Each measurement has a measured ``ratio`` and a ``predicted_ratio``. Design choice: while every
   measurement lies on one side of ``target``, the latest one corrects the target
   multiplicatively (:func:`measure.corrected_target_ms`); once they bracket it, the target is
-  interpolated linearly in (predicted, measured) between the closest measurement below and the
-  closest above. A local correction from one side alone would jump back to the other side's
-  allocation when the predictor's error differs between them (seen: an allocator alternating
-  between networks measured 0.65 and 0.52 for a 0.6 target).
+  interpolated between the closest measurement above and the closest below
+  (:func:`measure.interpolated_target_ms`; seen without it: an allocator alternating between
+  networks measured 0.65 and 0.52 for a 0.6 target).
   """
   below = [m for m in measurements if m['ratio'] < target]
   above = [m for m in measurements if m['ratio'] >= target]
@@ -124,12 +123,10 @@ def bracketed_target_ms(measurements: Sequence[Mapping[str, float]], l0_ms: floa
     last = measurements[-1]
     return measure.corrected_target_ms(last['ratio'], last['predicted_ratio'] * l0_ms, l0_ms,
                                        target)
-  lo = max(below, key=lambda m: m['ratio'])
-  hi = min(above, key=lambda m: m['ratio'])
-  if hi['predicted_ratio'] == lo['predicted_ratio'] or hi['ratio'] == lo['ratio']:
-    return 0.5 * (lo['predicted_ratio'] + hi['predicted_ratio']) * l0_ms
-  share = (target - lo['ratio']) / (hi['ratio'] - lo['ratio'])
-  return (lo['predicted_ratio'] + share * (hi['predicted_ratio'] - lo['predicted_ratio'])) * l0_ms
+  slow = min(above, key=lambda m: m['ratio'])
+  fast = max(below, key=lambda m: m['ratio'])
+  return measure.interpolated_target_ms((slow['ratio'], slow['predicted_ratio'] * l0_ms),
+                                        (fast['ratio'], fast['predicted_ratio'] * l0_ms), target)
 
 
 def neighbour(allocate: Callable[[float], tuple[dict[str, int], dict]], target_ms: float,
