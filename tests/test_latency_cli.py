@@ -31,9 +31,14 @@ def test_latency_table_mode_builds_then_reuses(tmp_path):
   assert 'MAPE' in first.stdout and 'Spearman' in first.stdout
   assert len(report['validation']['measured_ms']) == 2
 
+  entries = json.loads(open(report['table']).read())['entries'].values()
+  loaded = sum(bool(e.get('loaded')) for e in entries if e.get('source') == 'probe')
   second = run_main(*args)
   assert second.returncode == 0, second.stdout + second.stderr
-  assert 'table: 0 new entries measured' in second.stdout
+  # Nothing is measured again, except (by design) probes the first build flagged as measured on
+  # a busy machine, re-measured when the second finds the machine quiet.
+  assert any(f'table: {n} new entries measured' in second.stdout for n in {0, loaded}), (
+      second.stdout)
   assert 'verification against a fresh measurement' in second.stdout
 
   # The same file under another device key is refused with one clear line.
