@@ -35,7 +35,7 @@ flags.DEFINE_integer('latency_round_to', 8, 'Channel step of the latency table g
 flags.DEFINE_integer('latency_max_grid_points', 3, 'Group probes per prunable group: the full '
                      'model with that group narrowed to 1/(n+1), ..., n/(n+1) of its channels.')
 flags.DEFINE_integer('latency_random_probes', None, 'Randomly pruned probe architectures in '
-                     'the table (default: enough for 48 probes in all, at least max(8, '
+                     'the table (default: enough for 96 probes in all, at least max(8, '
                      'prunable groups / 2)).')
 flags.DEFINE_integer('latency_repeats', 10, 'Timed calls per probe measurement (median of the '
                      'per-round ratios to the unpruned model).')

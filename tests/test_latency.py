@@ -18,6 +18,7 @@ from ttmpd_jax.latency import (CompilationCounter, CpuMonitor, LatencyPredictor,
                                ModelStructure, TableError, channel_grid, fit_costs, measure,
                                measure_many, measure_model, measure_relative,
                                random_architectures, synthetic_variables)
+from ttmpd_jax.latency import predictor as predictor_lib
 from ttmpd_jax.latency import protocol
 from ttmpd_jax.latency import table as table_lib
 from ttmpd_jax.models import ModelSpec, build_model
@@ -231,6 +232,25 @@ def _synthetic_predictor(tmp_path=None, noise=0.0, seed=0):
     table.put(p.entry_key(w), {'ms': 10.0 * ratio, 'ratio': ratio, 'ref_ms': 10.0})
   p.refit()
   return p, lambda w: 10.0 * truth(w) / full
+
+
+def test_design_is_structured_then_random_fill_and_refit_takes_a_subset(monkeypatch):
+  p, truth = _synthetic_predictor()
+  base, random = p.design_parts()
+  assert base + random == p.design() and base[0] == p.structure.complete_widths()
+  keys = [p.structure.key_of(w) for w in base + random]
+  assert len(set(keys)) == len(keys) and len(random) > 0
+  assert len(keys) <= predictor_lib.MIN_PROBES
+  # A smaller fill is a prefix of a larger one: a table built with fewer random probes stays
+  # valid, and a larger design only measures what it adds.
+  monkeypatch.setattr(predictor_lib, 'MIN_PROBES', len(base) + 10)
+  small_base, small_random = p.design_parts()
+  assert small_base == base and 0 < len(small_random) <= 10
+  assert random[:len(small_random)] == small_random
+  # A fit on part of the table sees that part only; a plain refit sees everything again.
+  assert p.refit(only=base + random[:5]).n == len(base) + 5
+  assert p.refit().n == len(base) + len(random)
+  assert p.predict() == pytest.approx(truth(None), rel=0.03)
 
 
 def test_fit_recovers_a_linear_cost_model_and_interpolates_between_probes():
