@@ -182,6 +182,10 @@ def run_model(name: str, index: int, args, cache_dir: str, quiet) -> dict:
   print(f'  {name}: {result.summary()}')
   print(f'  measurement noise (the same architectures measured again): MAPE {noise.mape:.2f}%  '
         f'Spearman {noise.spearman:.3f}')
+  ref_first, ref_again = [m.teacher_ms for m in first], [m.teacher_ms for m in second]
+  print(f'  the unpruned model in those rounds: {min(ref_first):.2f}-{max(ref_first):.2f} ms, '
+        f'then {min(ref_again):.2f}-{max(ref_again):.2f} ms (a shift that the ratios do not '
+        'cancel shows as noise above)')
   saving, saving_noise, groups, saving_measured, saving_base, saving_widths = saving_check(
       predictor, args.seed + 7 + index, args.round_to, args.repeats)
   print(f'  single-group candidates ({len(groups)} groups halved from one network): saving '
@@ -212,11 +216,13 @@ def run_model(name: str, index: int, args, cache_dir: str, quiet) -> dict:
          'foreign_load': mean_load(all_measured), 'loaded_measurements': sum(
              m.loaded for m in all_measured), 'measurements': len(all_measured),
          'build_loaded_probes': build_load[0] if build_load else 0,
+         'build_reference_ms': table.builds[-1].get('reference_ms') if table.builds else None,
          'predicted_ms': list(result.predicted), 'measured_ms': list(result.measured),
          'saving_predicted': list(saving.predicted), 'saving_measured': list(saving.measured),
          'groups': list(predictor.structure.prunable), 'archs_kept': keys,
          'measured_ratio': [m.ratio for m in first], 'measured_ratio_again': [
-             m.ratio for m in second], 'saving_groups': groups,
+             m.ratio for m in second], 'teacher_ms': ref_first, 'teacher_ms_again': ref_again,
+         'saving_groups': groups,
          'saving_base_kept': predictor.structure.key_of(saving_base),
          'saving_kept': [predictor.structure.key_of(m.widths)
                          for m in saving_measured[:len(groups)]],

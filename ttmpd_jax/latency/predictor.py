@@ -21,11 +21,13 @@ Design choices:
   uniform prunings and random ones (they expose the interactions between groups: a layer's
   MACs are the product of its input and output group widths, which an additive per-group table
   gets wrong). A model with few groups has few group probes, so random ones fill its design up
-  to ``MIN_PROBES``. Measured on ResNet-8 (10 units, 61 costs; 90 further random architectures
-  measured in the same session as the table): its MAPE falls from 9.1% with 48 probes to 6.1%
-  with 78 and 5.7% with 88, where the same model fitted on all 138 measurements has an
-  in-sample MAPE of 5.0% (the limit of the additive form plus noise); 96 probes keep the
-  quickstart table's build near 80 s.
+  to ``MIN_PROBES``. What the fill buys, measured (``bench/bench_probe_design.py``: 52-58
+  held-out random architectures, quiet 2-core host, noise floor 1.3-1.9%): little in the mean
+  -- ResNet-8 5.5% MAPE with the 18 structured probes alone, 5.3% with 77 random ones added;
+  VGG-small 3.6% and 3.5% --, more in the worst case (VGG-small's largest error 26-32% with
+  24-60 random probes, 10% with 74; ResNet-8's 25-29% with 12-48, 18% with 77); the same model
+  fitted on every measurement reaches 4.1% and 2.8% in-sample (the additive form's limit on
+  that data). 96 probes keep the quickstart table's build near 75 s.
 * **Regimes read from the compiled model.** The same layer costs very different amounts inside
   a library fusion region (YNNPACK on CPU) and as native code, and which one it gets depends on
   its channel counts (``latency.fusion``). Every probe's compiled HLO says which units ran where;
@@ -83,6 +85,7 @@ RIDGES = (0.01, 0.03, 0.1, 0.3)  # Candidates the cross-validation chooses the p
 CV_FOLDS = 5
 LOADED_FOREIGN = 0.15   # Other processes took more than this share of the CPUs: 'loaded'.
 CORRECTION_WEIGHT = 4.0  # Weight of a fresh measurement in a refit (a probe weighs 1).
+HOST_STATE_SHIFT = 0.10  # The unpruned model's ms across one build's probes varies more: warn.
 GROUP_SIZE = 6          # Architectures timed together with the reference per round robin.
 ROUNDS_BUDGET_S = 20.0  # Timed rounds of one group stop past this (``protocol.measure_many``).
 COMPILE_WORKERS = max(1, min(GROUP_SIZE, os.cpu_count() or 1))  # Concurrent compilations.
@@ -417,22 +420,35 @@ class LatencyPredictor:
     if widths:
       start = time.perf_counter()
       loaded = 0
+      reference_ms: list[float] = []
       for lo in range(0, len(widths), 4 * GROUP_SIZE):
         part = widths[lo:lo + 4 * GROUP_SIZE]
         for m in self.measure(part):
           self.table.put(self.entry_key(m.widths), m.entry('probe'))
           loaded += m.loaded
+          reference_ms.append(m.teacher_ms)
         self.table.measured += len(part)
         if self.table.path:
           self.table.save()
         self.log(f'  latency table: {min(lo + len(part), len(widths))}/{len(widths)} probes '
                  f'measured ({time.perf_counter() - start:.1f} s)')
+      shift = (max(reference_ms) - min(reference_ms)) / float(np.median(reference_ms))
       self.table.builds.append({'utc': utc_now(), 'model': self.fingerprint,
                                 'probes': len(widths), 'loaded': loaded,
-                                'seconds': round(time.perf_counter() - start, 2)})
+                                'seconds': round(time.perf_counter() - start, 2),
+                                'reference_ms': [round(min(reference_ms), 4),
+                                                 round(max(reference_ms), 4)]})
       if loaded:
         self.log(f'  warning: {loaded} of {len(widths)} probes were measured on a busy machine '
                  f'(flagged; re-measured when it is quiet)')
+      if shift > HOST_STATE_SHIFT:
+        # A quiet host can still change speed for minutes at a time, and not uniformly (a
+        # clock change slows compute-bound kernels more than memory-bound ones), so ratios to
+        # the unpruned model do not cancel it; verify() re-anchors to the state of the day.
+        self.log(f'  warning: the unpruned model took {min(reference_ms):.2f}-'
+                 f'{max(reference_ms):.2f} ms across this build (more than '
+                 f'{100 * HOST_STATE_SHIFT:.0f}% apart on a quiet machine: the host changed '
+                 'speed; expect errors of that size)')
       self.table.models[self.fingerprint] = {
           **self.table.models.get(self.fingerprint, {}), 'description': self.structure.describe()}
       if self.table.path:
