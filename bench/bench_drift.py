@@ -1,6 +1,6 @@
 """Does one architecture's latency ratio stay put when it is measured again a little later?
 
-One command (about 2 minutes on a quiet 2-core CPU, the first of them idle)::
+One command (about 4 minutes on a quiet 2-core CPU, idle but for 5 s per call)::
 
   python bench/bench_drift.py
 
@@ -8,9 +8,9 @@ The latency model compares ratios to the unpruned model timed in the same rounds
 uniform slowdown of the machine; it does not cancel a change that slows some layers and not
 others (a clock change slows compute-bound convolutions and barely touches memory-bound ones).
 This benchmark waits ``--idle_s`` seconds with nothing running, then measures the same
-architectures ``--calls`` times in a row, each call compiling and timing them afresh against the
-unpruned model exactly as a table build or a validation does (``LatencyPredictor.measure``), and
-reports per call the unpruned model's milliseconds and every ratio, then per architecture the
+architectures ``--calls`` times, ``--pause_s`` apart, each call compiling and timing them afresh
+against the unpruned model exactly as a table build or a validation does
+(``LatencyPredictor.measure``), and reports per call the unpruned model's milliseconds and every ratio, then per architecture the
 range of its ratios across calls. Writes ``bench/results/drift_<platform>.json``.
 """
 
@@ -35,6 +35,8 @@ def main() -> None:
   parser.add_argument('--model', default='resnet8', choices=sorted(MODELS))
   parser.add_argument('--archs', type=int, default=6, help='random architectures measured')
   parser.add_argument('--calls', type=int, default=6, help='consecutive measurements of them')
+  parser.add_argument('--pause_s', type=float, default=20.0,
+                      help='seconds idle between calls (spreads the calls over minutes)')
   parser.add_argument('--idle_s', type=float, default=60.0,
                       help='seconds to wait idle before the first call')
   parser.add_argument('--round_to', type=int, default=8)
@@ -59,6 +61,8 @@ def main() -> None:
   start = time.perf_counter()
   calls = []
   for c in range(args.calls):
+    if c:
+      time.sleep(args.pause_s)
     measured = predictor.measure(archs)
     calls.append({'t_s': time.perf_counter() - start, 'teacher_ms': measured[0].teacher_ms,
                   'ratios': [m.ratio for m in measured], 'ms': [m.ms for m in measured],
@@ -74,7 +78,7 @@ def main() -> None:
         f'({100 * np.ptp(teacher) / teacher.mean():.1f}%)')
   write_json_atomic(out, {'platform': platform, 'key': table.key, 'model': args.model,
                           'command': ' '.join(sys.argv), 'archs_kept': keys,
-                          'idle_s': args.idle_s, 'calls': calls,
+                          'idle_s': args.idle_s, 'pause_s': args.pause_s, 'calls': calls,
                           'ratio_range_pct': [float(100 * np.ptp(c) / c.mean())
                                               for c in ratios.T],
                           'teacher_range_pct': float(100 * np.ptp(teacher) / teacher.mean()),

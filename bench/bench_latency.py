@@ -1,6 +1,6 @@
 """Latency model benchmark: build time, incremental rebuild, prediction accuracy, saving ranks.
 
-One self-contained command (about 35 minutes on a quiet 2-core CPU, 13 of them MobileNetV2's
+One self-contained command (35-47 minutes on a quiet 2-core CPU, 13-16 of them MobileNetV2's
 table)::
 
   python bench/bench_latency.py
@@ -14,7 +14,9 @@ a concatenation of a conv branch and a depthwise branch, a residual join, max po
    quickstart model: <= 3 min on 2 cores), then builds it again (goal: nothing measured).
 2. Measures ``--archs`` random pruned architectures afresh (widths off the probe counts, so the
    fit must interpolate) and compares with the prediction: MAPE (goal <= 8%), Spearman (goal
-   >= 0.9). Measures them all once more: the measurement-noise floor, printed beside.
+   >= 0.9). Measures them all once more: the measurement-noise floor, printed beside, with
+   the unpruned model's milliseconds in both measurements (a host that changed speed between
+   them shows there: ratios cancel a uniform change, not one that hits some kernels only).
 3. From one pruned network, the candidate of every prunable group (that group halved, nothing
    else): predicted saving vs measured saving (both relative to the network, timed in the same
    rounds), Spearman (goal >= 0.9), and its own noise floor (measured twice).
