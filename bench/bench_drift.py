@@ -10,8 +10,9 @@ others (a clock change slows compute-bound convolutions and barely touches memor
 This benchmark waits ``--idle_s`` seconds with nothing running, then measures the same
 architectures ``--calls`` times, ``--pause_s`` apart, each call compiling and timing them afresh
 against the unpruned model exactly as a table build or a validation does
-(``LatencyPredictor.measure``), and reports per call the unpruned model's milliseconds and every ratio, then per architecture the
-range of its ratios across calls. Writes ``bench/results/drift_<platform>.json``.
+(``LatencyPredictor.measure``), and reports per call the unpruned model's milliseconds and
+every ratio, then per architecture the range of its ratios across calls. Writes
+``bench/results/drift_<platform>.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model', default='resnet8', choices=sorted(MODELS))
   parser.add_argument('--archs', type=int, default=6, help='random architectures measured')
-  parser.add_argument('--calls', type=int, default=6, help='consecutive measurements of them')
+  parser.add_argument('--calls', type=int, default=6, help='measurements of them, --pause_s apart')
   parser.add_argument('--pause_s', type=float, default=20.0,
                       help='seconds idle between calls (spreads the calls over minutes)')
   parser.add_argument('--idle_s', type=float, default=60.0,

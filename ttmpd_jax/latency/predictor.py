@@ -431,21 +431,21 @@ class LatencyPredictor:
           self.table.save()
         self.log(f'  latency table: {min(lo + len(part), len(widths))}/{len(widths)} probes '
                  f'measured ({time.perf_counter() - start:.1f} s)')
-      shift = (max(reference_ms) - min(reference_ms)) / float(np.median(reference_ms))
+      low, high = min(reference_ms), max(reference_ms)
       self.table.builds.append({'utc': utc_now(), 'model': self.fingerprint,
                                 'probes': len(widths), 'loaded': loaded,
                                 'seconds': round(time.perf_counter() - start, 2),
-                                'reference_ms': [round(min(reference_ms), 4),
-                                                 round(max(reference_ms), 4)]})
+                                'reference_ms': [round(low, 4), round(high, 4)]})
       if loaded:
         self.log(f'  warning: {loaded} of {len(widths)} probes were measured on a busy machine '
                  f'(flagged; re-measured when it is quiet)')
       # A quiet host can still change speed for minutes at a time, and not uniformly (a clock
       # change slows compute-bound kernels more than memory-bound ones), so ratios to the
       # unpruned model do not cancel it: its range over the build is the size of that risk.
-      self.log(f'  latency table: the unpruned model took {min(reference_ms):.2f}-'
-               f'{max(reference_ms):.2f} ms across these rounds ({100 * shift:.0f}% apart: when '
-               'the host changed speed meanwhile, ratios carry errors of up to that size)')
+      shift = (high - low) / float(np.median(reference_ms))
+      self.log(f'  latency table: the unpruned model took {low:.2f}-{high:.2f} ms across these '
+               f'rounds ({100 * shift:.0f}% apart: when the host changed speed meanwhile, '
+               'ratios carry errors of up to that size)')
       self.table.models[self.fingerprint] = {
           **self.table.models.get(self.fingerprint, {}), 'description': self.structure.describe()}
       if self.table.path:
