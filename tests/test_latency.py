@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from jax.experimental import io_callback
 
 from ttmpd_jax import pruning
 from ttmpd_jax.latency import (CompilationCounter, CpuMonitor, LatencyPredictor, LatencyTable,
@@ -72,6 +73,30 @@ def test_a_time_budget_stops_slow_rounds_but_not_fast_ones():
   assert protocol.MIN_ROUNDS <= len(slow_t.times_ms) <= 4
   assert len(measure_many([(fast, (x,))], repeats=20, warmup=0, max_seconds=5.0)[0].times_ms) == 20
   assert len(measure_many([(slow, (x,))], repeats=2, warmup=0, max_seconds=0.0)[0].times_ms) == 2
+
+
+def test_each_timed_call_follows_a_settle_call_of_the_same_function(monkeypatch):
+  log = []
+
+  def traced(name):
+    def record(v):
+      log.append(name)
+      return v
+    return lambda x: io_callback(record, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+  x = jnp.ones(4)
+  a, b = measure_many([(traced('a'), (x,)), (traced('b'), (x,))], repeats=3, warmup=1)
+  assert a.repeats == b.repeats == 3
+  timed = log[2:]   # After one warm-up call each: (settle, timed) pairs of one function.
+  assert timed == ['a', 'a', 'b', 'b', 'b', 'b', 'a', 'a', 'a', 'a', 'b', 'b']
+  log.clear()
+  measure_many([(traced('a'), (x,))], repeats=3, warmup=1)   # One function: no settle calls.
+  assert log == ['a'] * 4
+  log.clear()
+  monkeypatch.setattr(protocol, 'SETTLE_BELOW_MS', 0.0)      # Slow functions: none either.
+  measure_many([(traced('a'), (x,)), (traced('b'), (x,))], repeats=2, warmup=1)
+  assert log == ['a', 'b', 'a', 'b', 'b', 'a']
+  with pytest.raises(ValueError, match='settle'):
+    measure_many([(traced('a'), (x,))], settle=-1)
 
 
 def test_measure_model_positive():

@@ -271,7 +271,7 @@ class LatencyPredictor:
     groups = [(g.name, g.size, g.prunable) for g in s.groups]
     text = re.sub(r' at 0x[0-9a-fA-F]+', '', repr(self.model))[:2000]  # No object addresses.
     return entry_digest({'layers': layers, 'groups': groups, 'model': type(self.model).__name__,
-                         'repr': text})
+                         'repr': text, 'protocol': protocol.PROTOCOL})
 
   def entry_key(self, widths: Optional[Widths]) -> str:
     shape = 'x'.join(map(str, self.structure.input_shape))

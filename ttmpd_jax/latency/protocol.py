@@ -9,6 +9,18 @@ Design choice: :func:`measure_many` interleaves the timed calls of several funct
 robin, one call of each per round, order rotated every round) instead of timing each function in
 a block. Background load then hits every function about equally, which keeps *relative*
 latencies (what a latency table is for) stable on a busy machine.
+
+Design choice: with several functions, each timed call is the second of two back to back (one
+untimed *settle* call first). The first call of an executable after another one ran pays a cost
+that depends on what ran before it and on the executable's own code paths: on a 2-core CPU a
+VGG-small whose stem convolution runs as XLA's own code between library (YNNPACK) regions
+measured 3-11% slower than its all-library parent on first calls and 0.985-1.004x on second calls
+(four repetitions each, interleaved with five other architectures), and 0.99-1.01x when only the
+two alternated. A deployed model runs batch after batch, so the settled call is the latency a
+user gets; the first-call cost varied with the company a function was timed in, which made the
+same architecture's measured latency depend on the group it was measured with. That cost is a few
+milliseconds (2-6 ms there), so functions slower than ``SETTLE_BELOW_MS`` (MobileNetV2 at batch
+256 on 2 cores: 1.5 s a call) are timed without settle calls, which would double their rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +40,9 @@ Variables = Mapping[str, Any]
 
 DEFAULT_REPEATS = 10
 DEFAULT_WARMUP = 2
+DEFAULT_SETTLE = 1        # Untimed calls right before each timed call (several functions only).
+SETTLE_BELOW_MS = 250.0   # Only functions whose last warm-up call was faster than this settle.
+PROTOCOL = 'interleaved, settled 1 below 250 ms'  # Part of every table entry's identity: a change re-measures.
 MIN_ROUNDS = 3            # Fewest rounds a time budget (``max_seconds``) may stop at.
 
 
@@ -86,8 +101,8 @@ def _call_blocking(compiled: Callable, args: tuple) -> float:
 
 
 def measure_many(calls: Sequence[tuple[Callable, tuple]], repeats: int = DEFAULT_REPEATS,
-                 warmup: int = DEFAULT_WARMUP, max_seconds: Optional[float] = None
-                 ) -> list[Timing]:
+                 warmup: int = DEFAULT_WARMUP, max_seconds: Optional[float] = None,
+                 settle: int = DEFAULT_SETTLE) -> list[Timing]:
   """Times several ``(fn, args)`` pairs with interleaved calls; one :class:`Timing` each.
 
   Args:
@@ -100,9 +115,13 @@ def measure_many(calls: Sequence[tuple[Callable, tuple]], repeats: int = DEFAULT
       model whose single call takes a second (MobileNetV2 at batch 256 on 2 CPU cores) has
       little call-to-call jitter relative to its time, while ten rounds of a group of seven
       cost over a minute; fast models never reach the budget and keep every round.
+    settle: untimed calls of a function right before each of its timed calls (see the module
+      docstring); ignored for a single function, whose calls already run back to back, and for
+      a function whose last warm-up call took ``SETTLE_BELOW_MS`` or more.
   """
-  if repeats < 1 or warmup < 0:
-    raise ValueError(f'need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}')
+  if repeats < 1 or warmup < 0 or settle < 0:
+    raise ValueError(f'need repeats >= 1, warmup >= 0 and settle >= 0, got {repeats}, {warmup}, '
+                     f'{settle}')
   compiled, compile_s = [], []
   for fn, args in calls:
     if hasattr(fn, 'lower'):  # jitted: compile ahead of time so compilation is never timed.
@@ -113,14 +132,20 @@ def measure_many(calls: Sequence[tuple[Callable, tuple]], repeats: int = DEFAULT
       exe, seconds = compile_fn(jax.jit(fn), *args)
     compiled.append(exe)
     compile_s.append(seconds)
+  n = len(calls)
+  settles = []
   for exe, (_, args) in zip(compiled, calls):
+    last_ms = 0.0
     for _ in range(warmup):
-      jax.block_until_ready(exe(*args))
+      last_ms = _call_blocking(exe, args)
+    settles.append(settle if n > 1 and last_ms < SETTLE_BELOW_MS else 0)
   samples: list[list[float]] = [[] for _ in calls]
-  n, start = len(calls), time.perf_counter()
+  start = time.perf_counter()
   for r in range(repeats):
     for j in range(n):
-      i = (j + r) % n  # Rotate the order so no function always runs right after another.
+      i = (j + r) % n  # Rotate the order so no function always starts a round.
+      for _ in range(settles[i]):
+        jax.block_until_ready(compiled[i](*calls[i][1]))
       samples[i].append(_call_blocking(compiled[i], calls[i][1]))
     if (max_seconds is not None and r + 1 >= min(MIN_ROUNDS, repeats)
         and time.perf_counter() - start >= max_seconds):
