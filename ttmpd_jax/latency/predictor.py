@@ -27,7 +27,7 @@ Design choices:
   VGG-small 3.6% and 3.5% --, more in the worst case (VGG-small's largest error 26-32% with
   24-60 random probes, 10% with 74; ResNet-8's 25-29% with 12-48, 18% with 77); the same model
   fitted on every measurement reaches 4.1% and 2.8% in-sample (the additive form's limit on
-  that data). 96 probes keep the quickstart table's build near 80 s.
+  that data). 96 probes keep the quickstart table's build near two minutes.
 * **Regimes read from the compiled model.** The same layer costs very different amounts inside
   a library fusion region (YNNPACK on CPU) and as native code, and which one it gets depends on
   its channel counts (``latency.fusion``). Every probe's compiled HLO says which units ran where;
@@ -38,7 +38,9 @@ Design choices:
   barely moves, and the absolute level is one number (``anchor_ms``) that one fresh measurement
   of the unpruned model corrects. A group's rounds stop once they have taken
   ``ROUNDS_BUDGET_S`` (after at least three): models whose single call takes a second have
-  little jitter relative to it, and ten rounds of them would dominate the table's build.
+  little jitter relative to it, and ten rounds of them would dominate the table's build. Each
+  timed call follows an untimed call of the same architecture (``protocol.measure_many``): the
+  first call after another executable costs more, by an amount that depends on the company.
 * **Shrinkage.** Each unit's costs are pulled (ridge, in relative terms) towards the costs shared
   by all units, so models with more units than probes stay well posed.
 * **No stale bias.** Probes measured on a busy machine are flagged in the table and re-measured
