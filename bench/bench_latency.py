@@ -1,6 +1,6 @@
 """Latency model benchmark: build time, incremental rebuild, prediction accuracy, saving ranks.
 
-One self-contained command (35-47 minutes on a quiet 2-core CPU, 13-16 of them MobileNetV2's
+One self-contained command (50-55 minutes on a quiet 2-core CPU, 14 of them MobileNetV2's
 table)::
 
   python bench/bench_latency.py
