@@ -42,7 +42,8 @@ DEFAULT_REPEATS = 10
 DEFAULT_WARMUP = 2
 DEFAULT_SETTLE = 1        # Untimed calls right before each timed call (several functions only).
 SETTLE_BELOW_MS = 250.0   # Only functions whose last warm-up call was faster than this settle.
-PROTOCOL = 'interleaved, settled 1 below 250 ms'  # Part of every table entry's identity: a change re-measures.
+# Part of every table entry's identity, derived from the settings above: a change re-measures.
+PROTOCOL = f'interleaved, settled {DEFAULT_SETTLE} below {SETTLE_BELOW_MS:g} ms'
 MIN_ROUNDS = 3            # Fewest rounds a time budget (``max_seconds``) may stop at.
 
 
