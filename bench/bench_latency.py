@@ -18,8 +18,12 @@ a concatenation of a conv branch and a depthwise branch, a residual join, max po
    the unpruned model's milliseconds in both measurements (a host that changed speed between
    them shows there: ratios cancel a uniform change, not one that hits some kernels only).
 3. From one pruned network, the candidate of every prunable group (that group halved, nothing
-   else): predicted saving vs measured saving (both relative to the network, timed in the same
-   rounds), Spearman (goal >= 0.9), and its own noise floor (measured twice).
+   else; at most ``--saving_candidates``, evenly spaced groups): predicted saving vs measured
+   saving (both relative to the network, timed in the same rounds), Spearman (goal >= 0.9).
+   Each candidate is measured in ``--saving_passes`` passes, minutes apart and in shuffled
+   company, and compared with their mean; the noise floor printed beside is how well the mean
+   of the even passes ranks like the mean of the odd ones (what the protocol agrees with
+   itself), and the Spearman against each single pass is printed too.
 4. Times ``predict`` (goal < 1 ms, no compilation).
 5. Side by side on the same measurements: the same table fitted without fusion regimes (every
    unit one cost per feature, ``fusion_aware=False``): what reading the regimes buys.
@@ -110,20 +114,45 @@ def candidates(predictor: LatencyPredictor, base, round_to: int):
   return out
 
 
-def saving_check(predictor: LatencyPredictor, seed: int, round_to: int, repeats: int):
-  """Predicted vs measured relative saving of every single-group candidate of one network."""
+def spread_out(items: list, n: int) -> list:
+  """At most ``n`` of ``items``, evenly spaced (all of them when there are few)."""
+  if n <= 0 or len(items) <= n:
+    return list(items)
+  return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def saving_check(predictor: LatencyPredictor, seed: int, round_to: int, repeats: int,
+                 passes: int, most: int):
+  """Predicted vs measured relative saving of single-group candidates of one network.
+
+  Every candidate is measured ``passes`` times against the network, in passes minutes apart,
+  each in a different order (so different company within a round robin): a host whose speed
+  changes for minutes at a time moves one pass's savings together, and the mean over passes is
+  the estimate of what a candidate saves. The noise floor is the agreement of two halves of the
+  passes (the means of the even and the odd passes): what the same protocol agrees with itself.
+  """
   s = predictor.structure
   base = s.random_widths(np.random.default_rng(seed), round_to, min_keep=0.6)
-  cands = candidates(predictor, base, round_to)
+  cands = spread_out(candidates(predictor, base, round_to), most)
   widths = [w for _, w in cands]
   base_ms = predictor.predict(base)
   predicted = [1.0 - predictor.predict(w) / base_ms for w in widths]
-  first = predictor.measure(widths, repeats=repeats, reference=base)
-  second = predictor.measure(widths, repeats=repeats, reference=base)
-  measured = [1.0 - m.ratio for m in first]
-  again = [1.0 - m.ratio for m in second]
-  return (Validation(tuple(predicted), tuple(measured)), Validation(tuple(again), tuple(measured)),
-          [g for g, _ in cands], first + second, base, widths)
+  rng = np.random.default_rng(seed)
+  runs, measured_all = [], []
+  for _ in range(passes):
+    order = rng.permutation(len(widths))
+    results = predictor.measure([widths[i] for i in order], repeats=repeats, reference=base)
+    saving = np.empty(len(widths))
+    saving[order] = [1.0 - m.ratio for m in results]
+    runs.append(saving)
+    measured_all += results
+  runs = np.stack(runs)
+  halves = (runs[0::2].mean(axis=0), runs[1::2].mean(axis=0)) if passes > 1 else (runs[0],) * 2
+  single = [Validation(tuple(predicted), tuple(r)).spearman for r in runs]
+  return {'validation': Validation(tuple(predicted), tuple(runs.mean(axis=0))),
+          'noise': Validation(tuple(halves[0]), tuple(halves[1])),
+          'single_spearman': single, 'passes': runs, 'groups': [g for g, _ in cands],
+          'measured': measured_all, 'base': base, 'widths': widths}
 
 
 def one_regime_figures(predictor: LatencyPredictor, archs, measured_ms, saving_base, saving_widths,
@@ -188,12 +217,17 @@ def run_model(name: str, index: int, args, cache_dir: str, quiet) -> dict:
   print(f'  the unpruned model in those rounds: {min(ref_first):.2f}-{max(ref_first):.2f} ms, '
         f'then {min(ref_again):.2f}-{max(ref_again):.2f} ms (a shift that the ratios do not '
         'cancel shows as noise above)')
-  saving, saving_noise, groups, saving_measured, saving_base, saving_widths = saving_check(
-      predictor, args.seed + 7 + index, args.round_to, args.repeats)
-  print(f'  single-group candidates ({len(groups)} groups halved from one network): saving '
-        f'Spearman {saving.spearman:.3f}  (noise floor {saving_noise.spearman:.3f}); predicted vs '
-        f'measured saving: ' + ', '.join(f'{100 * p:.1f}/{100 * m:.1f}%' for p, m in
-                                          zip(saving.predicted, saving.measured)))
+  check = saving_check(predictor, args.seed + 7 + index, args.round_to, args.repeats,
+                       args.saving_passes, args.saving_candidates)
+  saving, saving_noise, groups = check['validation'], check['noise'], check['groups']
+  saving_measured, saving_base, saving_widths = check['measured'], check['base'], check['widths']
+  print(f'  single-group candidates ({len(groups)} of {len(predictor.structure.prunable)} groups '
+        f'halved from one network, each measured in {args.saving_passes} passes): saving '
+        f'Spearman {saving.spearman:.3f} against the mean of the passes  (noise floor: the two '
+        f'halves of the passes agree at {saving_noise.spearman:.3f}); against single passes '
+        + ' '.join(f'{x:.2f}' for x in check['single_spearman']) + '; predicted vs measured '
+        'saving: ' + ', '.join(f'{100 * p:.1f}/{100 * m:.1f}%' for p, m in
+                                zip(saving.predicted, saving.measured)))
   plain = one_regime_figures(predictor, archs, result.measured, saving_base, saving_widths,
                              saving.measured)
   print(f'  fusion regimes: {predictor.regimes()}')
@@ -226,9 +260,10 @@ def run_model(name: str, index: int, args, cache_dir: str, quiet) -> dict:
              m.ratio for m in second], 'teacher_ms': ref_first, 'teacher_ms_again': ref_again,
          'saving_groups': groups,
          'saving_base_kept': predictor.structure.key_of(saving_base),
-         'saving_kept': [predictor.structure.key_of(m.widths)
-                         for m in saving_measured[:len(groups)]],
-         'saving_measured_again': list(saving_noise.predicted),
+         'saving_kept': [predictor.structure.key_of(w)
+                         for w in saving_widths],
+         'saving_passes': check['passes'].tolist(),
+         'saving_single_pass_spearman': check['single_spearman'],
          'regimes': predictor.regimes(), 'one_regime': plain}
   print(f'  predict: {predict_us:.0f} us per call, {counter.count} compilations; CPU share '
         f'other processes took: {row["foreign_load"]:.2f}; {row["loaded_measurements"]}/'
@@ -248,6 +283,10 @@ def main() -> None:
   parser.add_argument('--arch_round_to', type=int, default=4,
                       help='channel multiple of the random architectures')
   parser.add_argument('--repeats', type=int, default=10, help='timed rounds per measurement')
+  parser.add_argument('--saving_passes', type=int, default=4,
+                      help='times each single-group candidate is measured (minutes apart)')
+  parser.add_argument('--saving_candidates', type=int, default=12,
+                      help='most single-group candidates per model (evenly spaced groups)')
   parser.add_argument('--cache_dir', default=None, help='default: a fresh temporary folder')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--out', default=None, help='default: bench/results/'
