@@ -1,7 +1,7 @@
 """Latency model benchmark: build time, incremental rebuild, prediction accuracy, saving ranks.
 
-One self-contained command (50-55 minutes on a quiet 2-core CPU, 14 of them MobileNetV2's
-table)::
+One self-contained command (50-90 minutes on a 2-core CPU, depending on how fast the host runs
+that day; MobileNetV2's table takes 14-26 of them)::
 
   python bench/bench_latency.py
 

@@ -51,11 +51,11 @@ Design choices:
 ``predict`` is NumPy over a handful of per-unit numbers: no tracing, no compilation, tens of
 microseconds per call (200 us for MobileNetV2's 53 units).
 
-Measured (``bench/bench_latency.py``, ``bench/results/latency_validation_cpu.json``, 2 CPU cores,
-20 random architectures per model, the second of two consecutive runs): MAPE 9.7% / 7.4% / 3.4% /
-2.0% / 2.5% and Spearman 0.79 / 0.86 / 0.96 / 0.96 / 0.98 for ResNet-8 / VGG-small / ResNet-20 /
-a model with a concatenated depthwise branch / MobileNetV2, against a noise floor of 2-4% and
-0.95-0.98; fitted without regimes, the same measurements give 10.7% / 8.0% / 3.5% / 8.0% / 2.7%.
+Measured figures (MAPE, Spearman and single-group saving ranks per model, each beside its
+measurement-noise floor, two consecutive runs, the host named) live in the README's latency
+section and ``bench/results/latency_validation_cpu.json``, written by ``bench/bench_latency.py``;
+they depend on the host, so they are not copied here.
+
 Channel counts off multiples of 8 run slower kernels (CPU and GPU alike), so pruning in steps of
 8 keeps the model's smooth features meaningful.
 """
