@@ -35,16 +35,40 @@ def complete_runs(runs: list) -> list:
   return [r for r in runs if evidence.cell_of(r) in done]
 
 
+def measuring_table(runs: list) -> tuple[list[str], list[list[str]]]:
+  """Per method: the share of prune + fine-tune time spent measuring latency (summed over the
+  cells), and measurements per run."""
+  header = ['method', 'runs', 'measuring s (sum)', 'prune+FT s (sum)', 'measuring share',
+            'measurements per run', 'mean s per measurement']
+  rows = []
+  for method in dict.fromkeys(r['method'] for r in runs):
+    mine = [r for r in runs if r['method'] == method and r.get('prune_finetune_s')]
+    if not mine:
+      continue
+    measure = sum((r.get('time_s') or {}).get('measure', 0.0) for r in mine)
+    total = sum(r['prune_finetune_s'] for r in mine)
+    count = sum(len(r.get('measurements') or []) for r in mine)
+    rows.append([method, str(len(mine)), f'{measure:.0f}', f'{total:.0f}',
+                 f'{100 * measure / total:.0f}%', f'{count / len(mine):.1f}',
+                 f'{measure / count:.1f}' if count else '-'])
+  return header, rows
+
+
 def summary_markdown(report: dict) -> str:
   cells = {evidence.cell_of(r) for r in report['runs']}
   methods = {r['method'] for r in report['runs']}
   done = complete_cells(report['runs'])
   runs = [r for r in report['runs'] if evidence.cell_of(r) in done]   # Compared on equal cells.
-  header, rows = evidence.summary_table(evidence.summarize(runs))
+  summary = evidence.summarize(runs)
+  header, rows = evidence.summary_table(summary)
   lines = [f'{len(done)} complete cells of {len(cells)} begun ({len({c[0] for c in cells})} '
            f'models, {len({c[1] for c in cells})} shifts, {len({c[2] for c in cells})} seeds, '
            f'{len(methods)} methods), {len(runs)} method runs', '',
-           evidence.markdown(header, rows), '']
+           evidence.markdown(header, rows), '',
+           'Paired accuracy differences (pp; bootstrap: 10,000 resamples of cells; a tie is within '
+           f'±{evidence.TIE_PP:g} pp):', '',
+           evidence.markdown(*evidence.paired_table(summary)), '',
+           evidence.markdown(*measuring_table(runs)), '']
   missed = [f'{r["method"]} on {r.get("model")} {r["dataset"]} seed {r.get("seed")} '
             f'({r["latency_ratio"]:.3f})' for r in runs if not r.get('met_target', True)]
   lines.append('Missed the measured latency band: ' + ('; '.join(missed) if missed else 'none'))

@@ -254,7 +254,7 @@ class Context:
   def _preflight_checkpoint(self) -> Optional[checkpoint.CheckpointMeta]:
     """The source checkpoint's metadata (checked), or None when it will be pretrained."""
     if FLAGS.checkpoint:
-      path = self._checkpoint_flag_path()
+      path = self.checkpoint_flag_path()
       meta = checkpoint.load_meta(path)
       requested = {'model': meta.spec.name, **{k: meta.spec.kwargs.get(k)
                                                 for k in ('base_width', 'small_input')}}
@@ -293,11 +293,18 @@ class Context:
   def _source_label(self) -> str:
     return f'--checkpoint={FLAGS.checkpoint}' if FLAGS.checkpoint else 'the source checkpoint'
 
-  def _checkpoint_flag_path(self) -> str:
-    path = os.path.abspath(os.path.expanduser(FLAGS.checkpoint))
+  def checkpoint_flag_path(self) -> str:
+    """``--checkpoint`` as an absolute path. A relative one is taken from the working directory,
+    or else from ``--output_dir`` (the paths reports hold are relative to it)."""
+    path = os.path.expanduser(FLAGS.checkpoint)
+    if not os.path.exists(path) and os.path.exists(self.resolve(path)):
+      path = self.resolve(path)
+    path = os.path.abspath(path)
     if not os.path.exists(path):
-      raise UserError(f'--checkpoint={path} does not exist; pass the folder of a checkpoint '
-                      'written by --mode=pretrain or --mode=prune')
+      also = '' if os.path.isabs(os.path.expanduser(FLAGS.checkpoint)) else (
+          f' (nor does {self.resolve(FLAGS.checkpoint)})')
+      raise UserError(f'--checkpoint={path} does not exist{also}; pass the folder of a '
+                      'checkpoint written by --mode=pretrain or --mode=prune')
     if not checkpoint.exists(path):
       raise UserError(f'--checkpoint={path} is a file, not a checkpoint folder; pass the folder '
                       'of a checkpoint written by --mode=pretrain or --mode=prune')
@@ -334,7 +341,7 @@ class Context:
     if cache_key in self._cache:
       return self._cache[cache_key]
     if FLAGS.checkpoint and spec is None:
-      path = self._checkpoint_flag_path()
+      path = self.checkpoint_flag_path()
       variables, meta = checkpoint.load(path)
       log(f'loaded checkpoint {path} ({meta.spec.name})')
       trained = False
@@ -403,6 +410,19 @@ class Context:
   # ---- outputs ------------------------------------------------------------------------------
   def path(self, *parts: str) -> str:
     return os.path.join(self.output_dir, *parts)
+
+  def relative(self, path: str) -> str:
+    """``path`` as reports hold it: relative to ``--output_dir`` when inside it (the folder can
+    be moved or copied to another machine), else absolute (e.g. a ``--checkpoint`` elsewhere).
+    A relative ``path`` is one already relative to ``--output_dir``."""
+    path = os.path.abspath(self.resolve(path))
+    rel = os.path.relpath(path, self.output_dir)
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+  def resolve(self, path: str) -> str:
+    """A path read back from a report: a relative one is relative to ``--output_dir``; an
+    absolute one (reports written before paths were relative) stays as it is."""
+    return os.path.join(self.output_dir, os.path.expanduser(path))
 
   def write_report(self, report: dict[str, Any], name: str = 'report.json') -> str:
     """Writes ``report`` atomically; in a multi-process job process 0 writes, the others skip."""

@@ -8,7 +8,9 @@ Error policy (one for every mode):
     path that cannot be written (``EACCES``, ``ENOSPC``, ``EROFS``...), running out of memory --
     prints exactly one line ``error: <what and how to fix it>`` on stderr and exits with
     status 2, without a traceback. SIGINT exits with 130 and SIGTERM with 143, also with one
-    line; the run resumes when the same command is started again.
+    line; the run resumes when the same command is started again. The handlers only record the
+    signal; the library's loops stop at their next safe point (``ttmpd_jax.interrupt``), and a
+    run that ends with a stop request pending exits 130/143 as well, never 0.
   * Anything else is a bug and keeps its traceback.
   * After a user error the process ends with ``os._exit`` once stdout and stderr are flushed.
     Design choice: orbax, tensorstore and asyncio run background threads and atexit hooks that,
@@ -21,11 +23,18 @@ Error policy (one for every mode):
 
 from __future__ import annotations
 
+import signal
+
+# Stop requests are recorded from the first moment (imports take seconds); ``main`` hands any
+# that arrived to ``ttmpd_jax.interrupt``, whose safe points honour them.
+_EARLY_SIGNALS: list[int] = []
+for _signum in (signal.SIGINT, signal.SIGTERM):
+  signal.signal(_signum, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+
 import errno
 import glob
 import importlib
 import os
-import signal
 import sys
 import time
 
@@ -34,12 +43,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from launch import common  # noqa: E402
+from ttmpd_jax import interrupt  # noqa: E402
 from ttmpd_jax.errors import UserError, one_line  # noqa: E402
 
 # OSErrors that the environment, not the code, causes: reported as one line.
 USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR,
                errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE}
-STATUS_USER_ERROR, STATUS_SIGINT, STATUS_SIGTERM = 2, 130, 143
+STATUS_USER_ERROR, STATUS_SIGINT = 2, 130
 _RESUME = 'outputs written so far are kept: rerun the same command to continue'
 
 
@@ -56,15 +66,6 @@ def _discover_modes() -> dict[str, object]:
 MODES = _discover_modes()
 flags.DEFINE_enum('mode', 'evaluate', sorted(MODES), 'What to run.')
 FLAGS = flags.FLAGS
-
-
-class Terminated(BaseException):
-  """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
-
-
-def _on_sigterm(signum, frame):
-  del signum, frame
-  raise Terminated()
 
 
 def _is_shutdown_noise(exc_type, exc) -> bool:
@@ -136,20 +137,20 @@ def main(argv):
     fail(f'unexpected positional arguments: {" ".join(argv[1:])} (flags look like --name=value)')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-  signal.signal(signal.SIGTERM, _on_sigterm)
-  # Ctrl-C stops a run cleanly even when started from a shell that ignores SIGINT in background
-  # jobs (Python then inherits SIG_IGN and would never raise KeyboardInterrupt).
-  signal.signal(signal.SIGINT, signal.default_int_handler)
+  interrupt.install()
+  for signum in _EARLY_SIGNALS[:1]:
+    interrupt.request(signum)
   silence_third_party_noise()
   start = time.time()
   try:
     ctx = common.Context()
     ctx.lock_output_dir()
     MODES[FLAGS.mode].run(ctx, FLAGS.mode)
-  except KeyboardInterrupt:
+    interrupt.check()   # A request after the last safe point still ends the run as one.
+  except interrupt.Interrupted as e:
+    fail(f'{e}; {_RESUME}', e.status)
+  except KeyboardInterrupt:   # Raised by code outside the library (a plugin, a debugger).
     fail(f'interrupted (SIGINT); {_RESUME}', STATUS_SIGINT)
-  except Terminated:
-    fail(f'terminated (SIGTERM); {_RESUME}', STATUS_SIGTERM)
   except Exception as e:  # noqa: BLE001 - bugs are re-raised below with their traceback.
     message = _user_message(e)
     if message is None:

@@ -51,7 +51,7 @@ def run(ctx: common.Context, mode: str) -> None:
   print_rows(rows)
   macs, params = count_flops_and_params(model, variables, meta.image_shape)
   ctx.write_report({
-      'mode': mode, 'checkpoint': source.path, 'spec': meta.spec.to_json(),
+      'mode': mode, 'checkpoint': ctx.relative(source.path), 'spec': meta.spec.to_json(),
       'flops': macs, 'params': params, 'trained_now': source.trained_now,
       'pretrain': {k: v for k, v in meta.info.items() if k != 'train_config'},
       'evaluation': rows, 'flags': common.flag_values_for_report(),

@@ -69,10 +69,7 @@ flags.register_validator('latency_validate', lambda v: v >= 0, '--latency_valida
 def model_for_latency(ctx: common.Context) -> tuple[ModelSpec, tuple[int, ...]]:
   """The (possibly pruned) model spec and image shape the flags describe; needs no weights."""
   if FLAGS.checkpoint:
-    path = os.path.abspath(FLAGS.checkpoint)
-    if not checkpoint.exists(path):
-      raise UserError(f'--checkpoint={path} does not exist')
-    meta = checkpoint.load_meta(path)
+    meta = checkpoint.load_meta(ctx.checkpoint_flag_path())
     return meta.spec, tuple(meta.image_shape)
   test_set = ctx.clean_test_set()
   return ctx.requested_spec(test_set.num_classes), tuple(test_set.image_shape)

@@ -21,7 +21,7 @@ from absl import flags
 
 from launch import common, mode_evaluate
 from launch.mode_latency_table import predictor_from_flags
-from ttmpd_jax import checkpoint, evidence, train
+from ttmpd_jax import checkpoint, evidence, interrupt, train
 from ttmpd_jax.distill import distributed
 from ttmpd_jax.errors import UserError
 from ttmpd_jax.latency import LatencyPredictor, LatencyTable, MacsLatency
@@ -219,14 +219,63 @@ def _trajectory_accuracy(row: dict[str, Any], pruned: Any, model: Any, dataset: 
     point['accuracy_short_term'] = accuracies.get(point['iteration'])
 
 
+def artefact_name(method: str, config: SearchConfig, dataset: str, model: str, key: str) -> str:
+  """Name of one run's files under ``--output_dir`` (its network in ``models/``, its resume
+  state in ``work/``): readable, and unique to the run through its ``run_key``, so the runs of a
+  grid (models x shifts x seeds x methods x KD modes, any target) never share one."""
+  readable = f'{method}_{config.kd}_{model}_{dataset}_s{config.seed}'
+  return f'{readable.replace("/", "_").replace(os.sep, "_")}_{key}'
+
+
+def _work_dir(ctx: common.Context, method: str, config: SearchConfig, key: str, name: str) -> str:
+  """``work/<name>``; a run killed under its name of before (also one per key) resumes there."""
+  legacy = ctx.path('work', f'{method}_{config.kd}_{key}')
+  return legacy if os.path.isdir(legacy) else ctx.path('work', name)
+
+
 def _save_model(ctx: common.Context, source: Any, method: str, kd: str, name: str,
-                row: dict[str, Any], variables: Any) -> str:
-  path = ctx.path('models', f'{method}_{kd}_{name.replace("/", "_")}')
+                row: dict[str, Any], variables: Any, file_name: str) -> str:
+  """Saves the pruned network as ``models/<file_name>``; returns that path as reports hold it."""
+  path = ctx.path('models', file_name)
   checkpoint.save(path, variables, checkpoint.CheckpointMeta(
       source.spec.with_widths_of(variables), tuple(source.meta.image_shape), source.meta.family,
       {'method': method, 'kd': kd, 'dataset': name, 'accuracy': row['accuracy'],
-       'latency_ratio': row['latency_ratio']}), overwrite=True)
-  return path
+       'latency_ratio': row['latency_ratio'], 'run_key': row['run_key'], 'seed': row['seed'],
+       'model': row['model']}), overwrite=True)
+  return ctx.relative(path)
+
+
+def _holds_row(path: str, row: dict[str, Any]) -> bool:
+  """Whether checkpoint ``path`` is the network of finished ``row`` (its run key; checkpoints
+  saved before they recorded one: its method, shift and accuracy)."""
+  try:
+    info = checkpoint.load_meta(path).info
+  except checkpoint.CheckpointError:
+    return False
+  if 'run_key' in info:
+    return info['run_key'] == row.get('run_key')
+  return all(info.get(k) == row.get(k) for k in ('method', 'kd', 'dataset', 'accuracy'))
+
+
+def _reused_row(ctx: common.Context, row: dict[str, Any]) -> dict[str, Any]:
+  """A finished row of report.json with its ``checkpoint`` checked: relative to --output_dir
+  (absolute in reports of before), and dropped, with a note, when that network is gone or is
+  another run's (saved before file names were unique to runs, a grid's runs overwrote theirs)."""
+  path = row.get('checkpoint')
+  if not path:
+    return row
+  candidates = [ctx.resolve(path)]
+  if os.path.isabs(path):   # An absolute path of a folder since moved (another machine).
+    candidates.append(ctx.path('models', os.path.basename(path)))
+  held = next((p for p in candidates if _holds_row(p, row)), None)
+  row = dict(row)
+  if held is None:
+    common.log(f'note: {path} does not hold this run\'s network (gone, or overwritten by another '
+               'run); its row is kept without a checkpoint (--noresume reruns it)')
+    del row['checkpoint']
+  else:
+    row['checkpoint'] = ctx.relative(held)
+  return row
 
 
 def run_cell(ctx: common.Context, source: Any, problem: Any, method: str, config: SearchConfig,
@@ -236,20 +285,23 @@ def run_cell(ctx: common.Context, source: Any, problem: Any, method: str, config
   key = run_key(method, config, name, source.path)
   if FLAGS.resume and key in finished:
     common.log(f'=== {method} ({config.kd} KD) on {name}: finished earlier, reusing its row ===')
-    return finished[key]
+    return _reused_row(ctx, finished[key])
   common.log(f'=== {method} ({config.kd} KD) on {name} ===')
   start = time.time()
-  work_dir = ctx.path('work', f'{method}_{config.kd}_{key}') if FLAGS.resume else None
+  file_name = artefact_name(method, config, name, source.spec.name, key)
+  work_dir = _work_dir(ctx, method, config, key, file_name) if FLAGS.resume else None
   report, variables, pruned = harness.run_method(method, problem, config, work_dir=work_dir,
                                                  log=common.log)
   row = report.to_json()
   row.update(run_key=key, seed=config.seed, model=source.spec.name,
              accuracy=train.accuracy(problem.model, variables, problem.dataset,
                                      FLAGS.eval_batch_size))
+  row['source_checkpoint'] = ctx.relative(source.path)   # A grid has one per model.
   common.log(f'[{method}/{config.kd}] accuracy {row["accuracy"]:.4f}')
   _trajectory_accuracy(row, pruned, source.model, problem.dataset)
   if METHODS.get(method).prunes:
-    row['checkpoint'] = _save_model(ctx, source, method, config.kd, name, row, variables)
+    row['checkpoint'] = _save_model(ctx, source, method, config.kd, name, row, variables,
+                                    file_name)
   row['elapsed_s'] = time.time() - start   # Everything this row took (the grid's ETA).
   return row
 
@@ -266,6 +318,8 @@ def _finished_rows(ctx: common.Context) -> dict[str, dict[str, Any]]:
     raise UserError(f'{path} exists but cannot be read as JSON ({e}); move it away, or pass '
                     '--noresume to start over') from e
   rows = previous.get('runs', []) + previous.get('earlier_runs', [])
+  for row in (r for r in rows if r.get('checkpoint')):   # Absolute in reports of before.
+    row['checkpoint'] = ctx.relative(row['checkpoint'])
   return {r['run_key']: r for r in rows if 'run_key' in r}
 
 
@@ -422,7 +476,7 @@ def run(ctx: common.Context, mode: str) -> None:
   models = []
   for spec in specs:
     source = ctx.source_model(spec) if spec is not None else ctx.source_model()
-    report.setdefault('source_checkpoint', source.path)
+    report.setdefault('source_checkpoint', ctx.relative(source.path))
     report.setdefault('teacher_spec', source.spec.to_json())
     report.setdefault('source_evaluation', _source_rows(ctx, source))
     start = time.time()
@@ -446,6 +500,7 @@ def run(ctx: common.Context, mode: str) -> None:
           for method in methods:
             if not METHODS.get(method).prunes and kd != kd_modes[0]:
               continue
+            interrupt.check()   # Between grid cells: every finished row is on disk.
             report['runs'].append(run_cell(ctx, source, problem, method, configs[kd, seed],
                                            finished))
             cross_check_proxy(report['runs'])
@@ -471,11 +526,11 @@ def _finish(ctx: common.Context, report: dict[str, Any], source: Any) -> None:
   if not distributed.is_primary():   # Plots and the report: process 0's.
     return
   if len({evidence.cell_of(r) for r in report['runs']}) > 1:
-    report['grid_plot'] = evidence.plot_grid(
+    report['grid_plot'] = ctx.relative(evidence.plot_grid(
         report['summary'], ctx.path('benchmark_grid.png'),
-        title=f'accuracy vs prune + fine-tune time (target {FLAGS.latency_target:g}, 95% CIs)')
-  report['plot'] = plot_tradeoff(report['runs'], ctx.path('tradeoff.png'),
-                                 title=f'{source.spec.name}: accuracy vs measured latency '
-                                       f'(target {FLAGS.latency_target:g})')
+        title=f'accuracy vs prune + fine-tune time (target {FLAGS.latency_target:g}, 95% CIs)'))
+  report['plot'] = ctx.relative(plot_tradeoff(
+      report['runs'], ctx.path('tradeoff.png'),
+      title=f'{source.spec.name}: accuracy vs measured latency (target {FLAGS.latency_target:g})'))
   ctx.write_report(report)
-  common.log(f'plot: {report["plot"]}')
+  common.log(f'plot: {ctx.resolve(report["plot"])}')

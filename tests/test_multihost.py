@@ -133,8 +133,9 @@ def test_two_processes_equal_one_process_and_only_process_0_reports(source, one_
   assert not GLOO_WORDS.sub(' ', out1).split(), out1
   assert '--process_id=0' in report['flags']['argv']
   assert (out / 'tradeoff.png').stat().st_size > 10_000
-  assert os.path.isdir(run['checkpoint']) and not [
-      p for p in os.listdir(os.path.dirname(run['checkpoint'])) if 'orbax-checkpoint-tmp' in p]
+  saved = out / run['checkpoint']   # Relative to --output_dir.
+  assert os.path.isdir(saved) and not [
+      p for p in os.listdir(os.path.dirname(saved)) if 'orbax-checkpoint-tmp' in p]
 
 
 @requires_fashion_mnist

@@ -73,8 +73,9 @@ def test_prune_ttmpd_end_to_end(shared):
   assert 1 <= len(run['compilations']['per_iteration']) <= 2
   assert run['compilations']['max_per_iteration'] <= 3
   assert (out / 'tradeoff.png').stat().st_size > 10_000
-  # The pruned checkpoint evaluates through --mode=evaluate --checkpoint.
-  evaluated = run_main('--mode=evaluate', f'--checkpoint={run["checkpoint"]}',
+  # The pruned checkpoint (its path relative to --output_dir) evaluates through --checkpoint.
+  assert not os.path.isabs(run['checkpoint'])
+  evaluated = run_main('--mode=evaluate', f'--checkpoint={out / run["checkpoint"]}',
                        *_flags(tmp, tmp / 'evaluate_pruned'))
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   rows = json.loads((tmp / 'evaluate_pruned' / 'report.json').read_text())['evaluation']
@@ -127,7 +128,7 @@ def test_unreachable_target_stops_at_best_reachable(shared):
 
 @pytest.mark.parametrize('flag,needle', [('--latency_target=1.0', 'latency_target'),
                                          ('--latency_target=0', 'latency_target'),
-                                         ('--method=magic', 'ttmpd, ttmpd_shortlist, netadapt'),
+                                         ('--method=magic', 'ttmpd, ttmpd_unchecked, ttmpd_shortlist, netadapt'),
                                          ('--kd=sometimes', '--kd')])
 def test_bad_prune_flags(tmp_path, flag, needle):
   assert_user_error(run_main('--mode=prune', f'--output_dir={tmp_path}', flag), needle)

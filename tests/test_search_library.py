@@ -20,7 +20,8 @@ from ttmpd_jax.search.state import SearchState
 
 
 def _proposal(v1, v2, predicted_ms):
-  cands = [dataclasses.make_dataclass('C', ['predicted_ms'])(ms) for ms in predicted_ms]
+  cands = [dataclasses.make_dataclass('C', ['predicted_ms', 'group'])(ms, f'g{i}')
+           for i, ms in enumerate(predicted_ms)]
   return Proposal(cands, [{} for _ in cands], np.asarray(v1, float), np.asarray(v2, float),
                   1.0, 0.0, (), None)
 
@@ -126,7 +127,7 @@ def test_calibration_keeps_one_variable_when_the_other_is_noise():
 
 
 def test_registry_lists_valid_names_and_refuses_duplicates():
-  assert set(methods_lib.METHODS.names()) == {'ttmpd', 'ttmpd_shortlist', 'netadapt', 'eagleeye',
+  assert set(methods_lib.METHODS.names()) == {'ttmpd', 'ttmpd_unchecked', 'ttmpd_shortlist', 'netadapt', 'eagleeye',
                                              'halp', 'uniform', 'teacher', 'teacher_bn'}
   with pytest.raises(ConfigError, match='method: unknown method .magic.; valid: ttmpd'):
     methods_lib.METHODS.get('magic')
@@ -342,7 +343,7 @@ def _measured_as(monkeypatch, problem, bias):
   from ttmpd_jax.search.measure import Measurement
   l0, seen = problem.latency.predict(), []
 
-  def fake(problem, variables, log):
+  def fake(problem, variables, log, band=None):
     widths = widths_from_variables(variables)
     seen.append(widths)
     predicted = problem.latency.predict(widths) / l0
@@ -478,3 +479,88 @@ def test_ttmpd_shortlist_fine_tunes_its_shortlist_and_commits_the_best_of_it():
   judge = pruned.details['judge']
   assert judge['levels_done'] == 1 and judge['shortlist'] == 2
   assert len(judge['points']) == len(first) + 2 * (len(iterations) - 1)
+
+
+# ---- TT-MPD's checked picks (constructed candidates, faked fine-tunings) ------------------------
+def _checked_judge(slope=0.27):
+  judge = judges.TTMPDJudge(calibration_iterations=0,
+                            model=AccuracyModel(np.array([1.0 - slope, slope, 0.0]), True))
+  judge.max_drop, judge.verify_limit = 0.04, 2
+  return judge
+
+
+def test_choose_passes_over_candidates_estimated_to_lose_too_much():
+  # Candidate 1 cuts deep: v1 0.43 against 1.0 now, a large saving; per ms it looks cheapest
+  # (0.154 / 8 ms < 0.0135 / 0.5 ms) but its estimated loss (0.154) is over max_drop.
+  p = _proposal([0.95, 0.43], [0.0, 0.0], [9.5, 2.0])
+  judge = _checked_judge()
+  assert choose(judges.TTMPDJudge(model=judge.model), p, np.full(2, np.nan), 10.0)[0] == 1
+  assert choose(judge, p, np.full(2, np.nan), 10.0)[0] == 0
+  # When every candidate is estimated to lose too much, the best per ms is still taken.
+  p = _proposal([0.60, 0.43], [0.0, 0.0], [9.5, 2.0])
+  assert choose(judge, p, np.full(2, np.nan), 10.0)[0] == 1
+
+
+class _FakeBatched:
+  """Short-term fine-tuning faked: a candidate 'fine-tunes' to the accuracy given for it."""
+
+  def __init__(self, accuracy):
+    self.accuracy, self.calls = accuracy, []
+
+  def run_many(self, embedded, lifted, steps):
+    del embedded, steps
+    self.calls.append([m['i'] for m in lifted])
+    return [{'i': m['i']} for m in lifted]
+
+
+def _checked_run(p, real_after_finetuning):
+  from ttmpd_jax.search import loop
+  batched = _FakeBatched(real_after_finetuning)
+  p.lifted = [{'i': i} for i in range(len(p.candidates))]
+  p.evaluate = lambda variables, masks: (real_after_finetuning[variables['i']], 0.0)
+  workspace = dataclasses.make_dataclass('W', ['batched'])(batched)
+  run = dataclasses.make_dataclass('R', ['judge', 'workspace', 'config', 'log'])(
+      _checked_judge(), workspace, SearchConfig(short_term_steps=3), lambda s: None)
+  return loop, run, batched
+
+
+def test_a_pick_whose_real_accuracy_falls_far_below_the_estimate_is_rejected():
+  # Â ranks 0 first (estimated loss 0.0135 for 1 ms); after fine-tuning it lost 0.10: rejected,
+  # candidate 1 (next by the criterion) is fine-tuned, loses 0.02 and is taken.
+  p = _proposal([0.95, 0.93, 0.90], [0.0, 0.0, 0.0], [9.0, 9.0, 9.0])
+  loop, run, batched = _checked_run(p, [0.90, 0.98, 0.97])
+  real = np.full(3, np.nan)
+  best, _ = loop.choose(run.judge, p, real, 10.0)
+  assert best == 0
+  best, accuracy = loop.verify(run, p, best, {}, real, 10.0, 0.0)
+  assert best == 1 and batched.calls == [[0], [1]]
+  assert real[0] == pytest.approx(0.90) and real[1] == pytest.approx(0.98) and np.isnan(real[2])
+
+
+def test_a_pick_within_max_drop_costs_no_extra_fine_tuning():
+  p = _proposal([0.95, 0.93], [0.0, 0.0], [9.0, 9.0])
+  loop, run, batched = _checked_run(p, [0.97, 0.99])
+  finetuned = {0: {'i': 0}}   # The commit's fine-tuning, already done by the judge's request.
+  real = np.array([0.97, np.nan])
+  best, _ = loop.verify(run, p, 0, finetuned, real, 10.0, 0.0)
+  assert best == 0 and batched.calls == []
+
+
+def test_when_every_checked_pick_loses_too_much_the_least_loss_per_ms_is_kept():
+  # Three checks (the pick and verify_limit = 2 more), all over max_drop: candidate 2 loses 0.06
+  # for 4 ms saved, the least per ms.
+  p = _proposal([0.95, 0.94, 0.93, 0.5], [0.0] * 4, [9.0, 9.0, 6.0, 9.0])
+  loop, run, batched = _checked_run(p, [0.90, 0.91, 0.94, 0.5])
+  best, _ = loop.verify(run, p, 0, {}, np.full(4, np.nan), 10.0, 0.0)
+  assert best == 2 and len(batched.calls) == 3
+
+
+def test_shrunk_scale_moves_a_small_fitted_slope_towards_the_prior():
+  v1 = np.array([0.80, 0.85, 0.90, 0.95, 0.70, 0.75, 0.80, 0.85])
+  real = 0.8 + 0.1 * v1   # A fitted slope of 0.10 (the grid's collapsing runs: 0.10-0.15).
+  points = np.stack([np.repeat([1, 2], 4), v1, np.zeros(8), real], 1)
+  model = AccuracyModel.fit(v1, np.zeros(8), real, groups=points[:, 0])
+  assert model.coef[1] == pytest.approx(0.1)
+  shrunk = judges.shrink_scale(model, points, prior_slope=0.27, weight=16.0)
+  assert shrunk.coef[1] == pytest.approx((8 * 0.1 + 16 * 0.27) / 24)
+  assert shrunk.predict(v1, np.zeros(8)).mean() == pytest.approx(real.mean())

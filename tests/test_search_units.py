@@ -139,5 +139,5 @@ def test_bad_budgets(kwargs, needle):
 
 def test_unknown_method_lists_methods():
   with pytest.raises(ConfigError,
-                     match='ttmpd, ttmpd_shortlist, netadapt, eagleeye, halp, uniform, teacher'):
+                     match='ttmpd, ttmpd_unchecked, ttmpd_shortlist, netadapt, eagleeye, halp, uniform, teacher'):
     METHODS.get('magic')

@@ -109,7 +109,7 @@ def test_a_biased_latency_model_is_corrected_by_measurement(monkeypatch):
   problem = Problem(model, teacher, teacher, (8, 8, 1), None, None, data, latency, 64, 0.0)
   l0 = latency.predict()
   # The device runs every pruned network 15% slower than predicted (relative to the teacher).
-  fake = lambda problem, variables, log: (lambda r: Measurement(100.0, 100 * r, 0.01, 0.0, True,
+  fake = lambda problem, variables, log, band=None: (lambda r: Measurement(100.0, 100 * r, 0.01, 0.0, True,
                                                                 r))(
       min(1.0, 1.15 * latency.predict(widths_from_variables(variables)) / l0))
   monkeypatch.setattr(methods, 'measure_network', fake)

@@ -5,6 +5,12 @@ one row per (model, method). Design choices: a *cell* is (model, dataset, seed, 
 are Student-t intervals of the mean over cells (``None`` with fewer than two); paired differences
 compare two methods on the cells both finished, so shift and seed effects cancel; the time ratio
 to NetAdapt is computed per cell, then averaged.
+
+Paired differences are heavy-tailed (one collapsed run moves a mean by pp), and a t-interval
+hides that: each pair also carries a paired bootstrap 95% CI of the mean (``BOOTSTRAP``
+resamples of cells, seeded), the Wilcoxon signed-rank p, wins / ties / losses (a tie: within
+``TIE_PP``), the worst cell, and the same over the cells where both runs ended inside the
+measured latency band (``in_band``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,31 @@ import numpy as np
 PAIRS = (('ttmpd', 'netadapt'), ('ttmpd', 'eagleeye'), ('ttmpd_shortlist', 'netadapt'),
          ('ttmpd_shortlist', 'eagleeye'), ('ttmpd_shortlist', 'ttmpd'))
 TIME_BASELINE = 'netadapt'
+BOOTSTRAP = 10_000
+TIE_PP = 0.1   # Differences within ±0.1 pp (3 of 3,000 test images) count as ties.
+
+
+def bootstrap_ci95(x: Sequence[float], resamples: int = BOOTSTRAP,
+                   seed: int = 0) -> Optional[list[float]]:
+  """Percentile bootstrap 95% CI of the mean of ``x`` (cells resampled with replacement)."""
+  x = np.asarray(x, float)
+  if len(x) < 2:
+    return None
+  means = np.random.default_rng(seed).choice(x, (resamples, len(x))).mean(1)
+  return [float(v) for v in np.percentile(means, [2.5, 97.5])]
+
+
+def paired_statistics(diffs: Sequence[float]) -> dict[str, Any]:
+  """Mean, t and bootstrap 95% CIs, Wilcoxon p, wins/ties/losses and the worst of ``diffs``."""
+  x = np.asarray([d for d in diffs if d is not None and np.isfinite(d)], float)
+  mean, ci = mean_ci95(x)
+  out = {'n': len(x), 'mean': mean, 'ci95': ci, 'bootstrap_ci95': bootstrap_ci95(x),
+         'wilcoxon_p': None, 'wins': int((x > TIE_PP).sum()), 'ties': int((abs(x) <= TIE_PP).sum()),
+         'losses': int((x < -TIE_PP).sum()), 'worst': float(x.min()) if len(x) else None}
+  if len(x) >= 2 and np.any(x != 0):
+    from scipy import stats
+    out['wilcoxon_p'] = float(stats.wilcoxon(x).pvalue)
+  return out
 
 
 def mean_ci95(values: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[list[float]]]:
@@ -51,9 +82,13 @@ def _of(runs: Sequence[Mapping[str, Any]], model: Any) -> list[Mapping[str, Any]
 
 def _paired(runs, model, a: str, b: str) -> dict[str, Any]:
   left, right = _by_cell(_of(runs, model), a), _by_cell(_of(runs, model), b)
-  diffs = [100 * (left[c]['accuracy'] - right[c]['accuracy']) for c in left if c in right]
-  mean, ci = mean_ci95(diffs)
-  return {'n': len(diffs), 'mean': mean, 'ci95': ci}
+  cells = [c for c in left if c in right]
+  diff = lambda c: 100 * (left[c]['accuracy'] - right[c]['accuracy'])
+  out = paired_statistics([diff(c) for c in cells])
+  in_band = [c for c in cells if left[c].get('met_target', True) and
+             right[c].get('met_target', True)]
+  out['in_band'] = paired_statistics([diff(c) for c in in_band])
+  return out
 
 
 def _summary_row(runs, model: str, method: str) -> dict[str, Any]:
@@ -98,6 +133,37 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row[f'minus_{TIME_BASELINE}_pp'] = _paired(runs, model, method, TIME_BASELINE)
       summary.append(row)
   return summary
+
+
+def paired_table(summary: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+  """Every paired difference of the summary, with its robust statistics (the README's table)."""
+  header = ['model', 'pair', 'cells', 'mean pp', 't 95% CI', 'bootstrap 95% CI', 'Wilcoxon p',
+            'W / T / L', 'worst pp', 'in band: cells', 'in band: mean [bootstrap CI]']
+  rows = []
+  for s in summary:
+    for key, pair in s.items():
+      if not key.endswith('_pp') or not isinstance(pair, dict) or not pair.get('n'):
+        continue
+      name = key[:-3].replace('_minus_', ' − ')
+      if name.startswith('minus_'):
+        name = f'{s["method"]} − {name[6:]}'
+      band = pair.get('in_band') or {}
+      fmt = lambda ci: '-' if ci is None else f'[{ci[0]:.2f}, {ci[1]:.2f}]'
+      p = pair.get('wilcoxon_p')
+      rows.append([str(s['model']), name, str(pair['n']), f'{pair["mean"]:.2f}', fmt(pair['ci95']),
+                   fmt(pair.get('bootstrap_ci95')), '-' if p is None else f'{p:.3f}',
+                   f'{pair.get("wins", "-")} / {pair.get("ties", "-")} / {pair.get("losses", "-")}',
+                   '-' if pair.get('worst') is None else f'{pair["worst"]:.2f}',
+                   str(band.get('n', '-')),
+                   '-' if not band.get('n') else
+                   f'{band["mean"]:.2f} {fmt(band.get("bootstrap_ci95"))}'])
+  # One row per pair: the 'minus_netadapt' duplicate of a named pair is dropped.
+  seen, unique = set(), []
+  for r in rows:
+    if (r[0], r[1]) not in seen:
+      seen.add((r[0], r[1]))
+      unique.append(r)
+  return header, unique
 
 
 def _fmt_ci(mean: Optional[float], ci: Optional[list[float]], scale: float = 1.0,

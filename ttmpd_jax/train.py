@@ -37,7 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.extend import core as jax_core
 
-from ttmpd_jax import parallel
+from ttmpd_jax import interrupt, parallel
 from ttmpd_jax.errors import ConfigError
 from ttmpd_jax.data import pipeline
 from ttmpd_jax.data.datasets import Dataset
@@ -188,6 +188,7 @@ def train_loop(state: Any, step_fn: Callable[[Any, Any], tuple[Any, Metrics]],
   metrics: Metrics = {}
   try:
     for step, batch in zip(range(start_step + 1, steps + 1), batches):
+      interrupt.check()   # Between steps (the hooks have saved what they save).
       state, metrics = step_fn(state, batch)
       for hook in hooks:
         hook(step, state, metrics)

@@ -10,6 +10,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from ttmpd_jax import interrupt
 from ttmpd_jax.errors import UserError
 
 
@@ -66,6 +67,7 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, family: 
         if process_count > 1 else batch_ids
     if len(local) == 0:
       continue
+    interrupt.check()   # Between batches: a safe point of every data pass.
     yield {'image': normalize(images[local], family), 'label': labels[local].astype(np.int32),
            'index': local.astype(np.int32)}
 

@@ -18,6 +18,11 @@ not a momentum-weighted average: the result does not depend on the old statistic
 order of the batches, and k batches count equally. The per-batch variance is computed like Flax's
 ``BatchNorm`` (``E[x^2] - E[x]^2`` clipped at 0 with ``use_fast_variance``, else ``E[(x-E[x])^2]``),
 over the global batch when the batch is sharded over a mesh.
+
+Models without BatchNorm (no ``batch_stats`` collection, or an empty one) are valid inputs: every
+function here then leaves the statistics alone and returns the (transformed) variables unchanged,
+without running the model (:func:`has_batch_stats` tells the caller, e.g. to log that adaptation
+was skipped).
 """
 
 from __future__ import annotations
@@ -71,6 +76,11 @@ def _record_batch_moments(next_fun, args, kwargs, context):
   return out
 
 
+def has_batch_stats(variables: Mapping[str, Any]) -> bool:
+  """Whether ``variables`` hold any BatchNorm running statistics (something to adapt)."""
+  return bool(jax.tree.leaves(dict(variables).get('batch_stats', {})))
+
+
 def _apply_transform(transform: Optional[Transform], variables: Variables, aux: Any) -> Variables:
   return variables if transform is None else transform(variables, aux)
 
@@ -86,7 +96,7 @@ def batch_moments(model: nn.Module, variables: Mapping[str, Any], images: jax.Ar
     return model.batch_moments(dict(variables), images)
   with nn.intercept_methods(_record_batch_moments):
     _, updates = model.apply(dict(variables), images, train=True, mutable=['batch_stats'])
-  return updates['batch_stats']
+  return updates.get('batch_stats', {})   # A model without BatchNorm updates nothing.
 
 
 def make_bn_adapter(model: nn.Module, transform: Optional[Transform] = None) -> Callable:
@@ -95,11 +105,14 @@ def make_bn_adapter(model: nn.Module, transform: Optional[Transform] = None) -> 
   Transforms ``variables`` (e.g. applies masks given as ``aux``), averages the batch statistics
   of the k batches (``lax.scan``, one dispatch) and returns the transformed variables with the
   new ``batch_stats``. ``aux`` is a jit argument: new masks of the same shapes do not recompile.
+  Variables without ``batch_stats`` (no BatchNorm) are only transformed.
   """
 
   @jax.jit
   def adapt(variables, aux, images):
     variables = _apply_transform(transform, dict(variables), aux)
+    if not has_batch_stats(variables):
+      return variables
 
     def body(total, batch):
       stats = batch_moments(model, variables, batch)
@@ -132,13 +145,16 @@ def adapt_batch_stats(model: nn.Module, variables: Mapping[str, Any],
       and to the result (e.g. masks).
     mesh: batches are sharded over its ``data`` axis (all local devices when ``None``).
   Returns:
-    Host variables: transformed params and the adapted ``batch_stats``.
+    Host variables: transformed params and the adapted ``batch_stats`` (no forward pass and the
+    transformed variables as they are when ``variables`` hold no ``batch_stats``).
   Raises:
     UserError: no batches.
   """
   mesh = mesh or parallel.make_mesh()
   variables = _apply_transform(transform, parallel.replicate(dict(variables), mesh),
                                parallel.replicate(aux, mesh) if aux is not None else None)
+  if not has_batch_stats(variables):
+    return jax.device_get(variables)
   moments = jax.jit(lambda v, images: batch_moments(model, v, images))
   total, count = None, 0
   for batch in batches:
@@ -161,8 +177,10 @@ def teacher_bn_adapt(model: nn.Module, variables: Mapping[str, Any], dataset: Da
 
   Design choice: statistics are the exact average over ``num_batches`` seeded-shuffled full
   batches of ``dataset`` (all full batches when ``None``); parameters are unchanged. Labels are
-  never read.
+  never read. A model without BatchNorm (no ``batch_stats``) is returned unchanged.
   """
+  if not has_batch_stats(variables):
+    return dict(variables)
   mesh = mesh or parallel.make_mesh()
   batch_size = min(batch_size, len(dataset))
   batch_size -= batch_size % mesh.size

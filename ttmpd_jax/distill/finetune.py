@@ -93,7 +93,8 @@ def kd_loss_fn(model: nn.Module, *, temperature: float = 1.0, kl_weight: float =
     loss = kd_loss(logits, teacher_logits, temperature=temperature, kl_weight=kl_weight,
                    hard_weight=hard_weight)
     agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1))
-    return loss, (updates['batch_stats'], {'agreement': agreement})
+    # A model without BatchNorm updates no statistics (and has an empty ``batch_stats``).
+    return loss, (updates.get('batch_stats', batch_stats), {'agreement': agreement})
 
   return loss_fn
 

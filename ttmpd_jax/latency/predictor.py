@@ -73,6 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttmpd_jax import interrupt
 from ttmpd_jax.latency import fusion, protocol
 from ttmpd_jax.latency.structure import ModelStructure, Widths, round_channels, zoo_model
 from ttmpd_jax.latency.table import (LatencyTable, TableError, entry_digest, load_average,
@@ -423,6 +424,7 @@ class LatencyPredictor:
       loaded = 0
       reference_ms: list[float] = []
       for lo in range(0, len(widths), 4 * GROUP_SIZE):
+        interrupt.check()   # The probes measured so far are saved (below).
         part = widths[lo:lo + 4 * GROUP_SIZE]
         for m in self.measure(part):
           self.table.put(self.entry_key(m.widths), m.entry('probe'))

@@ -26,15 +26,18 @@ milliseconds (2-6 ms there), so functions slower than ``SETTLE_BELOW_MS`` (Mobil
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ttmpd_jax import interrupt
 
 Variables = Mapping[str, Any]
 
@@ -125,33 +128,55 @@ def measure_many(calls: Sequence[tuple[Callable, tuple]], repeats: int = DEFAULT
                      f'{settle}')
   compiled, compile_s = [], []
   for fn, args in calls:
-    if hasattr(fn, 'lower'):  # jitted: compile ahead of time so compilation is never timed.
-      exe, seconds = compile_fn(fn, *args)
-    elif isinstance(fn, jax.stages.Compiled):
-      exe, seconds = fn, 0.0
-    else:
-      exe, seconds = compile_fn(jax.jit(fn), *args)
-    compiled.append(exe)
+    exe, seconds = compiled_call(fn, args)
+    compiled.append((exe, args))
     compile_s.append(seconds)
-  n = len(calls)
-  settles = []
-  for exe, (_, args) in zip(compiled, calls):
-    last_ms = 0.0
-    for _ in range(warmup):
-      last_ms = _call_blocking(exe, args)
-    settles.append(settle if n > 1 and last_ms < SETTLE_BELOW_MS else 0)
   samples: list[list[float]] = [[] for _ in calls]
   start = time.perf_counter()
-  for r in range(repeats):
-    for j in range(n):
-      i = (j + r) % n  # Rotate the order so no function always starts a round.
-      for _ in range(settles[i]):
-        jax.block_until_ready(compiled[i](*calls[i][1]))
-      samples[i].append(_call_blocking(compiled[i], calls[i][1]))
+  for r, times in zip(range(repeats), interleaved_rounds(compiled, warmup, settle)):
+    for i, t in enumerate(times):
+      samples[i].append(t)
     if (max_seconds is not None and r + 1 >= min(MIN_ROUNDS, repeats)
         and time.perf_counter() - start >= max_seconds):
       break
   return [timing_from_samples(s, c) for s, c in zip(samples, compile_s)]
+
+
+def compiled_call(fn: Callable, args: tuple) -> tuple[Callable, float]:
+  """``fn`` compiled ahead of time for ``args`` (so compilation is never timed), and seconds."""
+  interrupt.check()
+  if isinstance(fn, jax.stages.Compiled):
+    return fn, 0.0
+  return compile_fn(fn if hasattr(fn, 'lower') else jax.jit(fn), *args)
+
+
+def interleaved_rounds(calls: Sequence[tuple[Callable, tuple]], warmup: int = DEFAULT_WARMUP,
+                       settle: int = DEFAULT_SETTLE) -> Iterator[list[float]]:
+  """Endless rounds over compiled ``(exe, args)`` calls: each yields one timed call (ms) per
+  function, in the order of ``calls`` (the calling order rotates every round).
+
+  The protocol of :func:`measure_many` (``warmup`` untimed calls each first; with several
+  functions, ``settle`` untimed calls before each timed call of a function faster than
+  ``SETTLE_BELOW_MS``). The caller decides when to stop: a fixed count, a time budget, or a
+  sequential rule (``search.measure``).
+  """
+  n = len(calls)
+  settles = []
+  for exe, args in calls:
+    last_ms = 0.0
+    for _ in range(warmup):
+      last_ms = _call_blocking(exe, args)
+    settles.append(settle if n > 1 and last_ms < SETTLE_BELOW_MS else 0)
+  for r in itertools.count():
+    interrupt.check()   # Between rounds (a round's timings are never cut short).
+    times = [0.0] * n
+    for j in range(n):
+      i = (j + r) % n  # Rotate the order so no function always starts a round.
+      exe, args = calls[i]
+      for _ in range(settles[i]):
+        jax.block_until_ready(exe(*args))
+      times[i] = _call_blocking(exe, args)
+    yield times
 
 
 def measure(fn: Callable, *args, repeats: int = DEFAULT_REPEATS,

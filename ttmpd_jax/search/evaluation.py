@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ttmpd_jax import parallel, train
+from ttmpd_jax import interrupt, parallel, train
 from ttmpd_jax.distill import bn_adapt, finetune as finetune_lib
 from ttmpd_jax.pruning.graph import ChannelGroup
 from ttmpd_jax.pruning.masks import apply_masks
@@ -138,6 +138,7 @@ class CandidateEvaluator:
     variables = replicate_everywhere(variables, self.mesh)
     out = []
     for lo in range(0, n, chunk):
+      interrupt.check()
       part = list(masks_list[lo:lo + chunk])
       part += [part[-1]] * (chunk - len(part))
       out.append(np.asarray(self._evaluate(variables, self._stacked(part), *self._data)))

@@ -26,11 +26,12 @@ import contextlib
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
+from ttmpd_jax import interrupt
 from ttmpd_jax.latency.compilations import CompilationCounter
 from ttmpd_jax.models.common import widths_from_variables
 from ttmpd_jax.pruning.graph import discover_groups
@@ -247,38 +248,81 @@ def ground_truth_extras(run: Run, p: Proposal, which: list[int]) -> None:
 
 
 def _criterion(judge: Judge, p: Proposal, real: np.ndarray, current_ms: float,
-               predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+               predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(criterion, estimated accuracy, estimated accuracy loss) of every candidate."""
   accuracy, accuracy_cur = judge.estimate(p.v1, p.v2, real, p.v1_current, p.v2_current)
-  return selection_score(accuracy_cur, accuracy, current_ms, predicted), accuracy
+  return (selection_score(accuracy_cur, accuracy, current_ms, predicted), accuracy,
+          accuracy_cur - np.asarray(accuracy, float))
 
 
-def _allowed(predicted: np.ndarray, eligible: np.ndarray, floor_ms: float) -> np.ndarray:
-  """``eligible`` candidates not predicted below ``floor_ms``, unless every eligible one is."""
+def _allowed(predicted: np.ndarray, eligible: np.ndarray, floor_ms: float,
+             drop: Optional[np.ndarray] = None, max_drop: float = float('inf')) -> np.ndarray:
+  """``eligible`` candidates not predicted below ``floor_ms`` and not estimated to lose more
+  than ``max_drop``; each rule applies only while some candidate satisfies it."""
   allowed = eligible & (predicted >= floor_ms)
-  return allowed if allowed.any() else eligible
+  allowed = allowed if allowed.any() else eligible
+  if drop is not None and np.isfinite(max_drop):
+    within = allowed & (drop <= max_drop)
+    allowed = within if within.any() else allowed
+  return allowed
 
 
 def choose(judge: Judge, p: Proposal, real: np.ndarray, current_ms: float,
-           floor_ms: float = 0.0) -> tuple[int, np.ndarray]:
+           floor_ms: float = 0.0, excluded: Sequence[int] = ()) -> tuple[int, np.ndarray]:
   """The candidate minimising (Â_current − Â_g) / (L_current − L_g); all estimates.
 
-  Only the judge's ``eligible`` candidates compete. Candidates predicted below ``floor_ms`` (the
-  lower edge of the target band) are passed over while another candidate is not: per
-  millisecond saved, a coarse step (8 of a 16-channel stem) can look best and overshoot the
-  band, which no later iteration can undo.
+  Only the judge's ``eligible`` candidates compete (less ``excluded``: picks the check turned
+  down). Candidates predicted below ``floor_ms`` (the lower edge of the target band) are passed
+  over while another candidate is not: per millisecond saved, a coarse step (8 of a 16-channel
+  stem) can look best and overshoot the band, which no later iteration can undo. Likewise
+  candidates estimated to lose more than ``judge.max_drop``: per millisecond, a deep cut with a
+  large saving can look cheapest, and fine-tuning repairs moderate damage, not severe damage.
   """
   predicted = np.array([c.predicted_ms for c in p.candidates])
-  criterion, accuracy = _criterion(judge, p, real, current_ms, predicted)
-  allowed = _allowed(predicted, judge.eligible(real), floor_ms)
+  criterion, accuracy, drop = _criterion(judge, p, real, current_ms, predicted)
+  eligible = judge.eligible(real)
+  eligible[list(excluded)] = False
+  allowed = _allowed(predicted, eligible, floor_ms, drop, judge.max_drop)
   return int(np.nanargmin(np.where(allowed, criterion, np.nan))), accuracy
+
+
+def verify(run: Run, p: Proposal, best: int, finetuned: dict[int, Any], real: np.ndarray,
+           current_ms: float, floor_ms: float) -> tuple[int, np.ndarray]:
+  """Checks the pick by its real accuracy after short-term fine-tuning (paid anyway: it is the
+  commit's fine-tuning); while its real loss exceeds ``judge.max_drop``, the next candidate by
+  the criterion is fine-tuned and checked, at most ``judge.verify_limit`` times. Returns the
+  pick and the estimates; when every checked pick lost too much, the one losing the least per
+  millisecond is kept. ``finetuned`` and ``real`` gain the checked candidates.
+  """
+  judge, checked = run.judge, []
+  while True:
+    if best not in finetuned:
+      tuned, r = tuned_accuracies(run.workspace.batched, p, [best], run.config.short_term_steps)
+      finetuned.update(tuned)
+      real[best] = r[best]
+    checked.append(best)
+    loss = p.v1_current - real[best]
+    if loss <= judge.max_drop:
+      break
+    if len(checked) > judge.verify_limit or len(checked) >= int(judge.eligible(real).sum()):
+      saving = {i: max(current_ms - p.candidates[i].predicted_ms, 1e-9) for i in checked}
+      best = min(checked, key=lambda i: (p.v1_current - real[i]) / saving[i])
+      run.log(f'  check: every checked pick lost more than {judge.max_drop:g}; keeping '
+              f'{p.candidates[best].group}, the least loss per ms saved')
+      break
+    run.log(f'  check: {p.candidates[best].group} lost {loss:.3f} of held-out agreement after '
+            f'fine-tuning (more than {judge.max_drop:g}); trying the next candidate')
+    best, _ = choose(judge, p, real, current_ms, floor_ms, excluded=checked)
+  return best, judge.estimate(p.v1, p.v2, real, p.v1_current, p.v2_current)[0]
 
 
 def ranking(judge: Judge, p: Proposal, current_ms: float, floor_ms: float = 0.0) -> np.ndarray:
   """Candidate indices, best first by the judge's estimate before any fine-tuning (those
   ``choose`` would pass over for overshooting come last)."""
   predicted = np.array([c.predicted_ms for c in p.candidates])
-  criterion, _ = _criterion(judge, p, np.full(len(predicted), np.nan), current_ms, predicted)
-  allowed = _allowed(predicted, np.ones(len(predicted), bool), floor_ms)
+  criterion, _, drop = _criterion(judge, p, np.full(len(predicted), np.nan), current_ms,
+                                  predicted)
+  allowed = _allowed(predicted, np.ones(len(predicted), bool), floor_ms, drop, judge.max_drop)
   return np.lexsort((criterion, ~allowed))
 
 
@@ -296,6 +340,7 @@ def commit(run: Run, runner: Optional[KDRunner], variables: Any, p: Proposal, be
 
 def search_step(run: Run, state: SearchState, variables: Any) -> tuple[SearchState, Any]:
   """One iteration; returns the new state and (physically pruned) variables."""
+  interrupt.check()   # Between iterations: the last one is saved (``record``).
   problem, k = run.problem, state.iteration + 1
   current_ms = problem.latency.predict(widths_from_variables(variables))
   if current_ms <= state.target_ms * (1 + 1e-9):
@@ -326,6 +371,9 @@ def search_step(run: Run, state: SearchState, variables: Any) -> tuple[SearchSta
     with _timed(times, 'search'):
       note = run.judge.learn(k, p.v1, p.v2, real)
       best, accuracy = choose(run.judge, p, real, current_ms, floor)
+    if run.judge.verify_limit > 0 and runner is not None:
+      with _timed(times, 'short_term_ft'):
+        best, accuracy = verify(run, p, best, finetuned, real, current_ms, floor)
     with _timed(times, 'short_term_ft' if best not in finetuned else 'search'):
       variables = commit(run, runner, variables, p, best, finetuned)
   if note:
