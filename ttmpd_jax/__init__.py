@@ -11,7 +11,7 @@ __version__ = '0.2.0'
 
 _LAZY = {'prune': 'ttmpd_jax.api', 'PruneResult': 'ttmpd_jax.api',
          'LatencyConfig': 'ttmpd_jax.api', 'SearchConfig': 'ttmpd_jax.search.config',
-         'METHODS': 'ttmpd_jax.search.methods'}
+         'METHODS': 'ttmpd_jax.search.methods', 'UserError': 'ttmpd_jax.errors'}
 __all__ = list(_LAZY)
 
 

@@ -34,7 +34,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from ttmpd_jax import parallel
 from ttmpd_jax.data import pipeline
@@ -124,11 +123,6 @@ def make_bn_adapter(model: nn.Module, transform: Optional[Transform] = None) -> 
     return _apply_transform(transform, {'params': variables['params'], 'batch_stats': stats}, aux)
 
   return adapt
-
-
-def stacked_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Sharding for stacked batches [k, B, ...]: the batch axis (1) over ``data``."""
-  return NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
 
 
 def adapt_batch_stats(model: nn.Module, variables: Mapping[str, Any],

@@ -54,7 +54,7 @@ from ttmpd_jax.pruning import unstructured
 @dataclasses.dataclass(frozen=True)
 class Method:
   name: str
-  saliency: Optional[str]  # Key of SALIENCY_CRITERIA; None = dense (no pruning).
+  saliency: Optional[str]  # A ``compute_scores`` criterion; None = dense (no pruning).
   self_distill: bool
 
 

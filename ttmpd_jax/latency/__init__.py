@@ -1,4 +1,4 @@
-"""Latency model (DESIGN.md section 3, step 2): measure in context, fit, predict, validate.
+"""Latency model (docs/method.md, step 2): measure in context, fit, predict, validate.
 
 * ``protocol``: the one measurement protocol (compile, warm up, median of blocking calls;
   interleaved rounds, ratios to a reference, the CPU share other processes take).

@@ -57,11 +57,6 @@ class CompilationCounter:
     monitoring.unregister_event_duration_listener(self._listener)
     self._active = False
 
-  def snapshot(self) -> int:
-    """Current count (handy for per-iteration differences inside one long ``with`` block)."""
-    with self._lock:
-      return self.count
-
   def __repr__(self) -> str:
     return f'CompilationCounter(count={self.count}, seconds={self.seconds:.2f})'
 

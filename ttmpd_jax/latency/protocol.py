@@ -70,11 +70,6 @@ class Timing:
   compile_s: float = 0.0
   times_ms: tuple[float, ...] = ()
 
-  @property
-  def relative_spread(self) -> float:
-    """IQR / median: 0.05 means the middle half of the calls lie within 5% of each other."""
-    return self.iqr_ms / self.median_ms if self.median_ms > 0 else float('inf')
-
   def __str__(self) -> str:
     return f'{self.median_ms:.3f} ms (IQR {self.iqr_ms:.3f}, n={self.repeats})'
 

@@ -196,11 +196,6 @@ class KDRunner:
     return jax.device_get(state.variables)
 
 
-def host_init_state(variables: Mapping[str, Any], optimizer: Any) -> train.TrainState:
-  """A step-0 train state without eager XLA work (``train.create_train_state``)."""
-  return train.create_train_state(variables, optimizer)
-
-
 class CandidateKDRunner:
   """``KDRunner.run`` for many masked candidates of one network, spread over ``mesh``.
 
