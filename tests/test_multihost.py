@@ -198,7 +198,7 @@ TIMINGS = textwrap.dedent('''
     wide, narrow = Net(32), Net(8)
     m = measure.measure_against_teacher(
         (wide, wide.init(jax.random.key(0), x)), (narrow, narrow.init(jax.random.key(0), x)),
-        64, (8, 8, 1), repeats=3, attempts=1, log=lambda s: None)
+        64, (8, 8, 1), max_rounds=3, attempts=1, log=lambda s: None)
     value = {'pi': np.pi / (1 + jax.process_index()), 'nested': [1.5, None, 'x' * 300]}
     print('RESULT', json.dumps({'measurement': m.to_json(),
                                 'broadcast': distributed.broadcast_json(value)}))
