@@ -235,6 +235,11 @@ def measure_model(model: nn.Module, variables: Variables, input_shape: tuple[int
   return measure_models([(model, variables)], input_shape, dtype, repeats, warmup)[0]
 
 
+def eval_apply(model: nn.Module) -> Callable:
+  """``model.apply(variables, x, train=False)`` jitted, variables as arguments (not constants)."""
+  return jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+
 def measure_models(models: Sequence[tuple[nn.Module, Variables]], input_shape: tuple[int, ...],
                    dtype: Any = jnp.float32, repeats: int = DEFAULT_REPEATS,
                    warmup: int = DEFAULT_WARMUP) -> list[Timing]:
@@ -243,10 +248,8 @@ def measure_models(models: Sequence[tuple[nn.Module, Variables]], input_shape: t
     raise ValueError(f'input_shape must include the batch dimension, got {input_shape}')
   x = jax.device_put(jnp.asarray(
       np.random.default_rng(0).standard_normal(input_shape), dtype=jnp.dtype(dtype)))
-  calls = []
-  for model, variables in models:
-    fn = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
-    calls.append((fn, (jax.device_put(cast_floating(variables, dtype)), x)))
+  calls = [(eval_apply(model), (jax.device_put(cast_floating(variables, dtype)), x))
+           for model, variables in models]
   return measure_many(calls, repeats=repeats, warmup=warmup)
 
 

@@ -20,7 +20,7 @@ from ttmpd_jax.models.common import widths_from_variables
 from ttmpd_jax.pruning.cost import count_cost
 from ttmpd_jax.search import judges
 from ttmpd_jax.search.config import SearchConfig
-from ttmpd_jax.search.measure import Measurement, within
+from ttmpd_jax.search.measure import Measurement, band, within
 from ttmpd_jax.search.methods import METHODS, Pruned, measure_network, target_band
 from ttmpd_jax.search.problem import Problem
 from ttmpd_jax.search.proxy import AccuracyModel, spearman
@@ -131,14 +131,14 @@ def confirmed_measurement(problem: Problem, variables: Any, pruned: Pruned,
   fields = {f.name for f in dataclasses.fields(Measurement)}
   same = [Measurement(**{k: v for k, v in m.items() if k in fields})
           for m in pruned.measurements if m.get('widths') == widths]
-  band = target_band(config)
-  same.append(measure_network(problem, variables, log, band))
+  edges = target_band(config)
+  same.append(measure_network(problem, variables, log, edges))
   ratios = [m.ratio for m in same]
   if len(same) >= 2 and max(ratios) - min(ratios) > config.latency_tolerance * \
       config.latency_target:
     log(f'  measurements of the final network spread from {min(ratios):.3f} to '
         f'{max(ratios):.3f} of the teacher: measuring once more')
-    same.append(measure_network(problem, variables, log, band))
+    same.append(measure_network(problem, variables, log, edges))
   if len(same) == 1:
     return same[0]
   loads = [m.load for m in same if m.load is not None]
@@ -175,8 +175,7 @@ def run_method(name: str, problem: Problem, config: SearchConfig, *,
   wall = time.time() - start
   final_start = time.time()
   final = confirmed_measurement(problem, variables, pruned, config, log) if method.prunes else (
-      measure_network(problem, variables, log, (1 - config.latency_tolerance,
-                                                1 + config.latency_tolerance)))
+      measure_network(problem, variables, log, band(1.0, config.latency_tolerance)))
   # The report's own measurement, apart from the method's (not in prune + fine-tune time).
   times['measure_final'] = time.time() - final_start
   cost = count_cost(problem.model.model, variables, problem.image_shape)

@@ -94,8 +94,7 @@ def _shape_key(module: Any, variables: Any, shape: tuple[int, ...]) -> tuple:
 
 
 def _compile(module: Any, variables: Any, x: jax.Array) -> Any:
-  fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
-  return protocol.compiled_call(fn, (variables, x))[0]
+  return protocol.compiled_call(protocol.eval_apply(module), (variables, x))[0]
 
 
 def _teacher(module: Any, variables: Any, shape: tuple[int, ...]) -> _Teacher:
@@ -202,8 +201,14 @@ def _measure(teacher: tuple[Any, Any], model: tuple[Any, Any], batch: int,
   return result
 
 
+def band(target: float, tolerance: float) -> tuple[float, float]:
+  """``target ± tolerance`` (relative) as (low, high) ratios."""
+  return target * (1 - tolerance), target * (1 + tolerance)
+
+
 def within(ratio: float, target: float, tolerance: float) -> bool:
-  return target * (1 - tolerance) <= ratio <= target * (1 + tolerance)
+  low, high = band(target, tolerance)
+  return low <= ratio <= high
 
 
 def corrected_target_ms(measured_ratio: float, predicted_ms: float, l0_ms: float,

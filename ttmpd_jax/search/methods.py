@@ -72,8 +72,8 @@ def measure_network(problem: Problem, variables: Any, log: Log,
 
 def target_band(config: SearchConfig, margin: float = 0.0) -> tuple[float, float]:
   """``latency_target ± (latency_tolerance − margin)`` as (low, high) ratios."""
-  tolerance = max(config.latency_tolerance - margin, config.latency_tolerance / 3)
-  return (config.latency_target * (1 - tolerance), config.latency_target * (1 + tolerance))
+  return measure.band(config.latency_target,
+                      max(config.latency_tolerance - margin, config.latency_tolerance / 3))
 
 
 def _rescale(run: Run, state: SearchState, l0_ms: float) -> None:
